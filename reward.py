@@ -1,0 +1,867 @@
+"""Rewards for E2PO: GenEval (in-process, no mmdet), PickScore, CLIPScore, LAION Aesthetic, HPSv2.1,
+and "shapes" (GenEval scoring with the shapes world's numpy detector), behind one interface.
+
+    fn = reward.build({"pickscore": 1.0}, paths={"pickscore": ..., "pickscore_processor": ...}, device="cuda")
+    scores = fn(images, prompts, metadata)   # images (B,3,H,W) float in [0,1]
+    scores["pickscore"], scores["avg"]       # float32 tensors (B,), on the images' device
+
+`spec` is one name or {name: weight}; the weighted sum of the named rewards is under "avg" (also for a
+single reward). GenEval-style rewards add a "<name>_strict" entry (GenEval's 0/1 correctness, the
+evaluation metric); the "<name>" entry is the partial score (the training reward) and is what "avg" uses.
+
+Weights (never downloaded at run time; every model loads from a local path given in `paths`):
+  key                   what                                                 where users get it (HF repo id)
+  "clip_l"              CLIPModel dir + tokenizer + preprocessor_config.json  openai/clip-vit-large-patch14
+                        (clipscore, aesthetic, geneval colour classifier)
+  "pickscore"           CLIPModel dir (config.json + weights)                 yuvalkirstain/PickScore_v1
+  "pickscore_processor" tokenizer + preprocessor_config.json dir             laion/CLIP-ViT-H-14-laion2B-s32B-b79K
+  "hpsv2"               HPS_v2.1_compressed.pt (OpenCLIP ViT-H/14 layout,    xswu/HPSv2
+                        converted on load by `openclip_to_transformers`), or a CLIPModel dir saved after conversion
+  "hpsv2_processor"     like "pickscore_processor"                          laion/CLIP-ViT-H-14-laion2B-s32B-b79K
+  "aesthetic"           LAION MLP as .safetensors (see `aesthetic_reward`)    camenduru/improved-aesthetic-predictor
+                                                                            (sac+logos+ava1-l14-linearMSE.pth)
+  "mask2former"         Mask2FormerForUniversalSegmentation dir, COCO        facebook/mask2former-swin-small-coco-instance
+                        instance (GenEval's detector is Mask2Former Swin-S)
+`huggingface-cli download <repo id> --local-dir <dir>` fetches any of them; a missing path raises
+FileNotFoundError naming the key, the expected files and the repo id, before any model loads.
+Shortcuts: paths[<reward>] may name one folder holding sub-folders named by key (e.g.
+{"geneval": "/models/geneval"} with mask2former/ and clip_l/ inside); "pickscore_processor" may be left
+out when the PickScore folder also holds the CLIP-H tokenizer + preprocessor_config.json; "hpsv2_processor"
+defaults to "pickscore_processor".
+Models run in fp16 on CUDA (dtype=None), fp32 on CPU.
+
+Tests: `pytest -q tests_reward.py` (CPU, tiny random-init models of the real transformers classes).
+
+Threads: the returned fn may be called from a background thread while the main thread samples, and from
+several threads at once. Each loaded model (with its tokenizer) is cached once per (path, device, dtype)
+and guarded by its own lock, held for the whole tokenise + forward; fast tokenizers are not safe under
+concurrent calls, hence the lock. Different models run concurrently; one model serves one call at a time.
+
+Departures from the references:
+- GenEval ran mmdet's Mask2Former Swin-S and open_clip ViT-L/14 on PIL images; we run transformers'
+  Mask2Former (same architecture/weights family) and CLIP ViT-L/14 on tensors (bicubic antialiased resize
+  instead of PIL's). Masks come from `post_process_instance_segmentation` (384x384 mask resolution)
+  rather than mmdet's full-resolution upsampling, so boxes can differ by a pixel or two.
+- Partial score = Flow-GRPO/DiffusionNFT's `evaluate_reward` (mean over clause terms, count term
+  1 - |expected - found|/expected, which goes negative when over-counting by more than `expected`).
+  Their code appends a 1.0 term even after a failed relative-position check; we keep that quirk by
+  default for parity with the paper's training reward (`POSITION_QUIRK = False` gives a clean 0 term).
+  Strict = GenEval's `evaluate` (>= count among the most confident, colour/position on those, excludes).
+- transformers builds Mask2Former's training loss (needs scipy) in the constructor; when scipy is
+  missing we build it with an inference-only stub instead (see `build_mask2former`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------- constants
+# GenEval (djghosh13/geneval evaluation/evaluate_images.py defaults)
+THRESHOLD = 0.3            # detection confidence, all tags but counting (kept if score > threshold)
+COUNTING_THRESHOLD = 0.9   # detection confidence for the counting tag
+MAX_OBJECTS = 16           # per class, most confident first
+NMS_THRESHOLD = 1.0        # GenEval's max_overlap: 1.0 = no suppression
+POSITION_THRESHOLD = 0.1   # position margin, fraction of the two objects' summed sizes
+POSITION_QUIRK = True      # Flow-GRPO's extra 1.0 term after a failed position check (see docstring)
+COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
+COLOR_TEMPLATES = ["a photo of a {c} {o}", "a photo of a {c}-colored {o}", "a photo of a {c} object"]
+COLOR_BACKGROUND = 0x99 / 255.0   # "#999"
+RELATIONS = ("left of", "right of", "above", "below")
+# COCO's 80 classes in detector order, with GenEval's names (object_names.txt)
+GENEVAL_CLASSES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
+    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+]
+PICKSCORE_SCALE = 26.0     # PickScore is reported / 26 (Flow-GRPO's training reward)
+CLIP_MAX_LENGTH = 77
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# paths key -> (expected files, HF repo id)
+WEIGHT_SOURCES = {
+    "clip_l": ("a directory with config.json, model.safetensors, tokenizer files (vocab.json, merges.txt, "
+               "tokenizer_config.json) and preprocessor_config.json", "openai/clip-vit-large-patch14"),
+    "pickscore": ("a CLIPModel directory with config.json and model weights", "yuvalkirstain/PickScore_v1"),
+    "pickscore_processor": ("a directory with tokenizer files and preprocessor_config.json",
+                            "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    "hpsv2": ("HPS_v2.1_compressed.pt (OpenCLIP ViT-H/14 state dict) or a converted CLIPModel directory",
+              "xswu/HPSv2"),
+    "hpsv2_processor": ("a directory with tokenizer files and preprocessor_config.json",
+                        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    "aesthetic": ("the LAION aesthetic MLP as .safetensors, converted from sac+logos+ava1-l14-linearMSE.pth "
+                  "(see reward.aesthetic_reward)", "camenduru/improved-aesthetic-predictor"),
+    "mask2former": ("a Mask2FormerForUniversalSegmentation directory (COCO instance) with config.json, "
+                    "model weights and preprocessor_config.json", "facebook/mask2former-swin-small-coco-instance"),
+}
+
+
+# ------------------------------------------------------------------------------------- GenEval scoring
+@dataclass
+class Detection:
+    """One detected object. box = (x0, y0, x1, y1) in pixels (x1, y1 exclusive, as mmdet's mask2bbox);
+    mask (H, W) bool or None; color set -> the CLIP colour classifier is skipped for this detection."""
+    label: str
+    score: float
+    box: tuple[float, float, float, float]
+    mask: np.ndarray | None = None
+    color: str | None = None
+
+
+def box_iou(a, b) -> float:
+    """IoU with GenEval's +1 pixel convention."""
+    def area(x):
+        return max(x[2] - x[0] + 1, 0) * max(x[3] - x[1] + 1, 0)
+    inter = area([max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])])
+    union = area(a) + area(b) - inter
+    return inter / union if union else 0.0
+
+
+def relative_position(box_a, box_b, margin: float | None = None) -> set[str]:
+    """Relations of A relative to B ("left of", "right of", "above", "below"), GenEval's rule: centre
+    offset shrunk by margin * (size_a + size_b) per axis, then direction components beyond 0.5."""
+    margin = POSITION_THRESHOLD if margin is None else margin
+    a = np.asarray(box_a[:4], dtype=np.float64).reshape(2, 2)
+    b = np.asarray(box_b[:4], dtype=np.float64).reshape(2, 2)
+    offset = a.mean(0) - b.mean(0)
+    size = np.abs(a[1] - a[0]) + np.abs(b[1] - b[0])
+    revised = np.maximum(np.abs(offset) - margin * size, 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    rel = set()
+    if dx < -0.5:
+        rel.add("left of")
+    if dx > 0.5:
+        rel.add("right of")
+    if dy < -0.5:
+        rel.add("above")
+    if dy > 0.5:
+        rel.add("below")
+    return rel
+
+
+def filter_detections(detections: list[Detection], tag: str) -> dict[str, list[Detection]]:
+    """GenEval's selection: score > threshold (0.9 for counting), most confident first, at most
+    MAX_OBJECTS per class, greedy suppression above NMS_THRESHOLD IoU (off at 1.0)."""
+    thr = COUNTING_THRESHOLD if tag == "counting" else THRESHOLD
+    by_class: dict[str, list[Detection]] = {}
+    for d in sorted(detections, key=lambda d: -float(d.score)):
+        if float(d.score) > thr:
+            by_class.setdefault(d.label, []).append(d)
+    out = {}
+    for label, dets in by_class.items():
+        dets, kept = dets[:MAX_OBJECTS], []
+        while dets:
+            best = dets.pop(0)
+            kept.append(best)
+            if NMS_THRESHOLD < 1:
+                dets = [d for d in dets if box_iou(best.box, d.box) < NMS_THRESHOLD]
+        out[label] = kept
+    return out
+
+
+def _check_meta(meta: dict) -> None:
+    if not isinstance(meta, dict) or "tag" not in meta or "include" not in meta:
+        raise ValueError(f"GenEval metadata needs 'tag' and 'include' (GenEval jsonl format), got {meta!r}")
+    includes = list(meta["include"])
+    for i, req in enumerate(includes + list(meta.get("exclude", []))):
+        if "class" not in req or "count" not in req or int(req["count"]) < 1:
+            raise ValueError(f"GenEval clause needs 'class' and 'count' >= 1, got {req!r} in {meta!r}")
+        if "color" in req and req["color"] not in COLORS:
+            raise ValueError(f"GenEval colour {req['color']!r} not in {COLORS}")
+        if "position" in req:
+            pos = req["position"]
+            if (i >= len(includes) or not isinstance(pos, (list, tuple)) or len(pos) != 2 or pos[0] not in RELATIONS
+                    or not isinstance(pos[1], int) or not 0 <= pos[1] < i):
+                raise ValueError(f"GenEval position must be [relation in {RELATIONS}, index of an earlier include "
+                                 f"clause], got {pos!r} in {meta!r}")
+
+
+def geneval_score(detections: list[Detection], meta: dict,
+                  classify_colors: Callable[[list[Detection], str], list[str]] | None = None,
+                  position_quirk: bool | None = None) -> tuple[float, bool]:
+    """GenEval scoring of one image: returns (partial, strict).
+
+    detections: every raw detection of the image (any score); filtering follows GenEval.
+    classify_colors(dets, classname) -> colour names, used for detections whose `color` is None.
+    partial: Flow-GRPO/DiffusionNFT's training reward (mean of clause terms); strict: GenEval's correctness.
+    """
+    _check_meta(meta)
+    position_quirk = POSITION_QUIRK if position_quirk is None else position_quirk
+    objects = filter_detections(detections, meta["tag"])
+    cache: dict[int, str] = {}
+
+    def colors_of(dets: list[Detection], classname: str) -> list[str]:
+        todo = [d for d in dets if d.color is None and id(d) not in cache]
+        if todo:
+            if classify_colors is None:
+                raise ValueError(f"detections of {classname!r} have no colour and no colour classifier was given")
+            for d, c in zip(todo, classify_colors(todo, classname)):
+                cache[id(d)] = c
+        return [d.color if d.color is not None else cache[id(d)] for d in dets]
+
+    def rel_ok(found, targets, rel):
+        return all(rel in relative_position(o.box, t.box) for o in found for t in targets)
+
+    # strict: GenEval's evaluate()
+    strict, groups = True, []
+    for req in meta["include"]:
+        n, found = int(req["count"]), objects.get(req["class"], [])[: int(req["count"])]
+        ok = len(found) >= n
+        if ok and "color" in req:
+            ok = colors_of(found, req["class"]).count(req["color"]) >= n
+        if ok and "position" in req:
+            rel, target = req["position"]
+            ok = groups[target] is not None and rel_ok(found, groups[target], rel)
+        strict &= ok
+        groups.append(found if ok else None)
+    for req in meta.get("exclude", []):
+        if len(objects.get(req["class"], [])) >= int(req["count"]):
+            strict = False
+
+    # partial: Flow-GRPO's evaluate_reward() (all detections of the class count, exact match wanted)
+    terms, groups = [], []
+    for req in meta["include"]:
+        n, found = int(req["count"]), objects.get(req["class"], [])
+        terms.append(1 - abs(n - len(found)) / n)
+        ok = len(found) == n
+        if not ok:
+            if "color" in req or "position" in req:
+                terms.append(0.0)
+        else:
+            if "color" in req:
+                k = colors_of(found, req["class"]).count(req["color"])
+                terms.append(1 - abs(n - k) / n)
+                ok = k == n
+            if ok and "position" in req:
+                rel, target = req["position"]
+                if groups[target] is None:
+                    ok = False
+                    terms.append(0.0)
+                else:
+                    ok = rel_ok(found, groups[target], rel)
+                    terms += [1.0] if ok else ([0.0, 1.0] if position_quirk else [0.0])
+        groups.append(found if ok else None)
+    partial = sum(terms) / len(terms) if terms else 0.0
+    return float(partial), bool(strict)
+
+
+# ------------------------------------------------------------------------------------- tensor preprocessing
+def resize_crop_normalize(images: torch.Tensor, size: int, crop: tuple[int, int], mean, std) -> torch.Tensor:
+    """CLIP preprocessing on tensors: shortest edge -> size (bicubic, antialias), centre crop, normalise.
+    images (B,3,H,W) in [0,1] -> float32 (B,3,*crop)."""
+    x = images.float()
+    h, w = x.shape[-2:]
+    if min(h, w) != size:
+        s = size / min(h, w)
+        nh, nw = (size, max(size, int(w * s))) if h <= w else (max(size, int(h * s)), size)
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    h, w = x.shape[-2:]
+    ch, cw = crop
+    if h < ch or w < cw:
+        x = F.pad(x, ((max(cw - w, 0) + 1) // 2, max(cw - w, 0) // 2, (max(ch - h, 0) + 1) // 2, max(ch - h, 0) // 2))
+        h, w = x.shape[-2:]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    x = x[..., top:top + ch, left:left + cw]
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def _read_preprocessor(path: str, default_size=224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> dict:
+    """size/crop/mean/std from a preprocessor_config.json (HF layout); defaults when absent."""
+    cfg = {}
+    f = os.path.join(path, "preprocessor_config.json") if os.path.isdir(path) else None
+    if f and os.path.isfile(f):
+        with open(f) as fh:
+            cfg = json.load(fh)
+    size = cfg.get("size", default_size)
+    if isinstance(size, dict):
+        size = size.get("shortest_edge", size.get("height", default_size))
+    crop = cfg.get("crop_size", size)
+    crop = (crop.get("height", size), crop.get("width", size)) if isinstance(crop, dict) else (crop, crop)
+    return {"size": int(size), "crop": (int(crop[0]), int(crop[1])),
+            "mean": tuple(cfg.get("image_mean", mean)), "std": tuple(cfg.get("image_std", std)), "raw": cfg}
+
+
+# ------------------------------------------------------------------------------------- loading
+def _default_dtype(device, dtype):
+    if dtype is not None:
+        return dtype
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _has_tokenizer(d) -> bool:
+    return bool(d) and os.path.isdir(d) and any(os.path.isfile(os.path.join(d, f)) for f in ("tokenizer.json", "vocab.json"))
+
+
+def _need_path(paths: dict, key: str, reward: str) -> str:
+    """The local path for `key`: paths[key]; else paths[reward]/<key> (one folder per reward holding
+    sub-folders named by key, e.g. {"geneval": "/models/geneval"} with mask2former/ and clip_l/); a
+    processor key also falls back to "pickscore_processor" (hpsv2) or to the model folder when that
+    holds tokenizer files (pickscore). Raises FileNotFoundError naming the files and the HF repo id."""
+    p = paths.get(key)
+    if not p and paths.get(reward) and reward != key and os.path.isdir(os.path.join(paths[reward], key)):
+        p = os.path.join(paths[reward], key)
+    if not p and key == "hpsv2_processor":
+        p = paths.get("pickscore_processor")
+    if not p and key == "pickscore_processor" and _has_tokenizer(paths.get("pickscore")):
+        p = paths["pickscore"]
+    files, repo = WEIGHT_SOURCES[key]
+    if not p:
+        raise FileNotFoundError(f"reward {reward!r} needs reward_paths[{key!r}]: {files}; get it from the "
+                                f"Hugging Face repo {repo} (e.g. huggingface-cli download {repo} --local-dir DIR)")
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"reward {reward!r}: reward_paths[{key!r}] = {p!r} does not exist; expected "
+                                f"{files}; get it from the Hugging Face repo {repo}")
+    if key.endswith("_processor"):
+        if not _has_tokenizer(p):
+            raise FileNotFoundError(f"reward {reward!r}: {p!r} has no tokenizer (tokenizer.json or vocab.json); "
+                                    f"expected {files} (Hugging Face repo {repo})")
+    elif os.path.isdir(p) and not os.path.isfile(os.path.join(p, "config.json")):
+        raise FileNotFoundError(f"reward {reward!r}: {p!r} has no config.json; expected {files} "
+                                f"(Hugging Face repo {repo})")
+    return p
+
+
+_CACHE: dict = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _cached(key, loader):
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = loader()
+        return _CACHE[key]
+
+
+def clear_cache() -> None:
+    """Drop every cached reward model (frees their memory once no fn holds them)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+class ClipBundle:
+    """A CLIPModel with its tokenizer and image preprocessing; `lock` guards every use."""
+
+    def __init__(self, model, tokenizer, prep: dict, device, dtype):
+        self.model, self.tokenizer, self.prep = model, tokenizer, prep
+        self.device, self.dtype = torch.device(device), dtype
+        self.lock = threading.Lock()
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        p = self.prep
+        x = resize_crop_normalize(images.to(self.device), p["size"], p["crop"], p["mean"], p["std"])
+        return x.to(self.dtype)
+
+    @torch.no_grad()
+    def image_embeds(self, images: torch.Tensor, preprocessed: bool = False) -> torch.Tensor:
+        """(B,3,H,W) in [0,1] -> L2-normalised float32 (B, D). Call with `lock` held."""
+        x = images.to(self.device, self.dtype) if preprocessed else self.preprocess(images)
+        pooled = self.model.vision_model(pixel_values=x).pooler_output
+        return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_embeds(self, texts: list[str]) -> torch.Tensor:
+        """list of str -> L2-normalised float32 (N, D). Call with `lock` held."""
+        tok = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                             max_length=min(CLIP_MAX_LENGTH, self.model.config.text_config.max_position_embeddings),
+                             return_tensors="pt")
+        out = self.model.text_model(input_ids=tok["input_ids"].to(self.device),
+                                    attention_mask=tok["attention_mask"].to(self.device)).pooler_output
+        return F.normalize(self.model.text_projection(out).float(), dim=-1)
+
+
+def _dtype_kwargs(dtype) -> dict:
+    import transformers
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return {key: dtype, "local_files_only": True}   # local paths only: nothing downloads
+
+
+def _finish(model, device, dtype):
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_clip(model_path: str, processor_path: str | None = None, device="cpu", dtype=None) -> ClipBundle:
+    """CLIPModel + tokenizer + preprocessing from local directories (cached per path/device/dtype)."""
+    from transformers import AutoTokenizer, CLIPModel
+    dtype = _default_dtype(device, dtype)
+    processor_path = processor_path or model_path
+
+    def load():
+        model = CLIPModel.from_pretrained(model_path, **_dtype_kwargs(dtype))
+        tok = AutoTokenizer.from_pretrained(processor_path, local_files_only=True)
+        return ClipBundle(_finish(model, device, dtype), tok, _read_preprocessor(processor_path), device, dtype)
+    return _cached(("clip", os.path.abspath(model_path), os.path.abspath(processor_path), str(device), dtype), load)
+
+
+# ------------------------------------------------------------------------------------- HPS converter
+IGNORED_OPENCLIP_KEYS = ("attn_mask", "visual.attn_mask")   # non-persistent buffers in old open_clip
+
+
+def openclip_to_transformers(sd: dict, vision_heads: int | None = None, text_heads: int | None = None):
+    """Map an OpenCLIP ViT state dict (open_clip layout: visual.conv1, visual.transformer.resblocks.*,
+    transformer.resblocks.*, token_embedding, text_projection, ...) onto transformers' CLIPModel.
+
+    Returns (state_dict, CLIPConfig). Sizes come from the weights; head counts default to width // 64
+    (open_clip's head width; ViT-H/14: 16 and 16). Raises ValueError on missing or unexpected keys."""
+    from transformers import CLIPConfig
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    used, out = set(), {}
+
+    def take(k):
+        if k not in sd:
+            raise ValueError(f"OpenCLIP state dict is missing key {k!r}")
+        used.add(k)
+        return sd[k]
+
+    def count_blocks(prefix):
+        ids = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+        if not ids:
+            raise ValueError(f"OpenCLIP state dict has no {prefix}* keys")
+        return max(ids) + 1
+
+    def blocks(src, dst, n):
+        for i in range(n):
+            s, d = f"{src}{i}.", f"{dst}{i}."
+            for a, b in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
+                         ("mlp.c_proj", "mlp.fc2"), ("attn.out_proj", "self_attn.out_proj")):
+                out[d + b + ".weight"], out[d + b + ".bias"] = take(s + a + ".weight"), take(s + a + ".bias")
+            w, bias = take(s + "attn.in_proj_weight"), take(s + "attn.in_proj_bias")
+            for name, wi, bi in zip(("q_proj", "k_proj", "v_proj"), w.chunk(3, 0), bias.chunk(3, 0)):
+                out[d + f"self_attn.{name}.weight"], out[d + f"self_attn.{name}.bias"] = wi, bi
+
+    conv = take("visual.conv1.weight")
+    v_width, patch = conv.shape[0], conv.shape[-1]
+    v_pos = take("visual.positional_embedding")
+    grid = int(round(math.sqrt(v_pos.shape[0] - 1)))
+    v_layers = count_blocks("visual.transformer.resblocks.")
+    v_mlp = sd[f"visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    tok_emb, t_pos = take("token_embedding.weight"), take("positional_embedding")
+    t_width = tok_emb.shape[1]
+    t_layers = count_blocks("transformer.resblocks.")
+    t_mlp = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    text_proj, vis_proj = take("text_projection"), take("visual.proj")
+
+    out["vision_model.embeddings.class_embedding"] = take("visual.class_embedding")
+    out["vision_model.embeddings.patch_embedding.weight"] = conv
+    out["vision_model.embeddings.position_embedding.weight"] = v_pos
+    for a, b in (("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm"),
+                 ("ln_final", "text_model.final_layer_norm")):
+        out[b + ".weight"], out[b + ".bias"] = take(a + ".weight"), take(a + ".bias")
+    blocks("visual.transformer.resblocks.", "vision_model.encoder.layers.", v_layers)
+    blocks("transformer.resblocks.", "text_model.encoder.layers.", t_layers)
+    out["text_model.embeddings.token_embedding.weight"] = tok_emb
+    out["text_model.embeddings.position_embedding.weight"] = t_pos
+    out["visual_projection.weight"] = vis_proj.t().contiguous()
+    out["text_projection.weight"] = text_proj.t().contiguous()
+    out["logit_scale"] = take("logit_scale").reshape(())
+    unexpected = sorted(k for k in sd if k not in used and k not in IGNORED_OPENCLIP_KEYS)
+    if unexpected:
+        raise ValueError(f"OpenCLIP state dict has unexpected keys: {unexpected[:10]}")
+    config = CLIPConfig(
+        text_config=dict(vocab_size=tok_emb.shape[0], hidden_size=t_width, intermediate_size=t_mlp,
+                         num_hidden_layers=t_layers, num_attention_heads=text_heads or max(t_width // 64, 1),
+                         max_position_embeddings=t_pos.shape[0], hidden_act="gelu", projection_dim=text_proj.shape[1],
+                         bos_token_id=tok_emb.shape[0] - 2, eos_token_id=tok_emb.shape[0] - 1, pad_token_id=0),
+        vision_config=dict(hidden_size=v_width, intermediate_size=v_mlp, num_hidden_layers=v_layers,
+                           num_attention_heads=vision_heads or max(v_width // 64, 1), image_size=grid * patch,
+                           patch_size=patch, hidden_act="gelu", projection_dim=vis_proj.shape[1]),
+        projection_dim=text_proj.shape[1])
+    return out, config
+
+
+def _load_state_dict_file(path: str) -> dict:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    return sd
+
+
+def load_hps(path: str, processor_path: str, device="cpu", dtype=None, vision_heads=None, text_heads=None) -> ClipBundle:
+    """HPSv2.1: an OpenCLIP ViT-H/14 checkpoint file (converted on load) or a converted CLIPModel dir."""
+    from transformers import AutoTokenizer, CLIPModel
+    dtype = _default_dtype(device, dtype)
+    if os.path.isdir(path):
+        return load_clip(path, processor_path, device, dtype)
+
+    def load():
+        sd, config = openclip_to_transformers(_load_state_dict_file(path), vision_heads, text_heads)
+        with torch.device("meta"):   # no random init of a 1B-parameter model; weights are assigned below
+            model = CLIPModel(config)
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: converted HPS weights do not fit CLIPModel: missing {missing[:10]}, "
+                             f"unexpected {list(unexpected)[:10]}")
+        for module in model.modules():   # non-persistent position_ids buffers are not in the state dict
+            buf = module._buffers.get("position_ids")
+            if buf is not None and buf.is_meta:
+                module._buffers["position_ids"] = torch.arange(buf.shape[-1]).expand(buf.shape).clone()
+        still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if still_meta:
+            raise ValueError(f"{path}: converted HPS model left uninitialised tensors {still_meta[:10]}")
+        tok = AutoTokenizer.from_pretrained(processor_path, local_files_only=True)
+        return ClipBundle(_finish(model, device, dtype), tok, _read_preprocessor(processor_path), device, dtype)
+    return _cached(("hps", os.path.abspath(path), os.path.abspath(processor_path), str(device), dtype), load)
+
+
+# ------------------------------------------------------------------------------------- Mask2Former
+class _InferenceOnlyLoss(nn.Module):
+    """Stand-in for Mask2FormerLoss (whose constructor needs scipy); keeps its one buffer, no training."""
+
+    def __init__(self, config, weight_dict):
+        super().__init__()
+        self.num_labels, self.eos_coef = config.num_labels, config.no_object_weight
+        w = torch.ones(config.num_labels + 1)
+        w[-1] = self.eos_coef
+        self.register_buffer("empty_weight", w)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("reward.py builds Mask2Former for inference only (scipy missing); no loss")
+
+
+_M2F_BUILD_LOCK = threading.Lock()
+
+
+def build_mask2former(config_or_path, **kwargs):
+    """Mask2FormerForUniversalSegmentation(config) or .from_pretrained(path, **kwargs), with the loss
+    stubbed when scipy is missing (transformers builds the training loss in the constructor)."""
+    from transformers import Mask2FormerForUniversalSegmentation
+    from transformers.models.mask2former import modeling_mask2former as mm
+    try:
+        import scipy  # noqa: F401
+        stub = False
+    except ImportError:
+        stub = True
+    with _M2F_BUILD_LOCK:
+        original = mm.Mask2FormerLoss
+        if stub:
+            mm.Mask2FormerLoss = _InferenceOnlyLoss
+        try:
+            if isinstance(config_or_path, (str, os.PathLike)):
+                return Mask2FormerForUniversalSegmentation.from_pretrained(config_or_path, **kwargs)
+            return Mask2FormerForUniversalSegmentation(config_or_path)
+        finally:
+            mm.Mask2FormerLoss = original
+
+
+class Mask2FormerDetector:
+    """Mask2Former COCO instance segmentation on (B,3,H,W) [0,1] tensors -> list[list[Detection]]."""
+
+    def __init__(self, model, prep: dict, device, dtype, min_score: float = min(THRESHOLD, COUNTING_THRESHOLD)):
+        from transformers import Mask2FormerImageProcessor
+        self.model, self.device, self.dtype, self.min_score = model, torch.device(device), dtype, min_score
+        raw = prep.get("raw", {})
+        size = raw.get("size", {"shortest_edge": 800, "longest_edge": 1333})
+        if not isinstance(size, dict):
+            size = {"shortest_edge": int(size)}
+        self.short = int(size.get("shortest_edge", 800))
+        self.long = int(size.get("longest_edge") or 1333)
+        self.divisor = int(raw.get("size_divisor", 32) or 1)
+        self.mean = tuple(raw.get("image_mean", IMAGENET_MEAN))
+        self.std = tuple(raw.get("image_std", IMAGENET_STD))
+        n = model.config.num_labels
+        id2label = {int(k): v for k, v in model.config.id2label.items()}
+        self.labels = GENEVAL_CLASSES if n == 80 else [id2label[i] for i in range(n)]
+        self.post = Mask2FormerImageProcessor()   # only its post_process_instance_segmentation is used
+        self.lock = threading.Lock()
+
+    def inputs(self, images: torch.Tensor):
+        """Resize (shortest edge, longest cap, bilinear antialias), normalise, pad to the size divisor."""
+        h, w = images.shape[-2:]
+        s = self.short / min(h, w)
+        if max(h, w) * s > self.long:
+            s = self.long / max(h, w)
+        nh, nw = int(round(h * s)), int(round(w * s))
+        x = images.float().to(self.device)
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        m = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        sd = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        x = (x - m) / sd
+        ph, pw = -(-nh // self.divisor) * self.divisor, -(-nw // self.divisor) * self.divisor
+        mask = torch.zeros(x.shape[0], ph, pw, dtype=torch.long, device=x.device)
+        mask[:, :nh, :nw] = 1
+        return F.pad(x, (0, pw - nw, 0, ph - nh)).to(self.dtype), mask, (nh, nw)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> list[list[Detection]]:
+        h, w = images.shape[-2:]
+        x, pmask, (nh, nw) = self.inputs(images)
+        with self.lock:
+            out = self.model(pixel_values=x, pixel_mask=pmask)
+        masks, logits = out.masks_queries_logits.float(), out.class_queries_logits.float()
+        ph, pw = x.shape[-2:]
+        mh, mw = max(1, round(nh / ph * masks.shape[-2])), max(1, round(nw / pw * masks.shape[-1]))
+        results = []
+        for b in range(images.shape[0]):
+            one = SimpleNamespace(class_queries_logits=logits[b:b + 1], masks_queries_logits=masks[b:b + 1, :, :mh, :mw])
+            r = self.post.post_process_instance_segmentation(one, threshold=self.min_score, target_sizes=[(h, w)],
+                                                             return_binary_maps=True)[0]
+            dets = []
+            seg = r["segmentation"]
+            for i, info in enumerate(r["segments_info"]):
+                m = seg[i].bool()
+                ys, xs = torch.nonzero(m.any(1)).flatten(), torch.nonzero(m.any(0)).flatten()
+                if len(xs) == 0:
+                    continue
+                box = (float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1))
+                dets.append(Detection(self.labels[info["label_id"]], float(info["score"]), box, m.cpu().numpy()))
+            results.append(dets)
+        return results
+
+
+def load_mask2former(path: str, device="cpu", dtype=None) -> Mask2FormerDetector:
+    dtype = _default_dtype(device, dtype)
+
+    def load():
+        model = build_mask2former(path, **_dtype_kwargs(dtype))
+        return Mask2FormerDetector(_finish(model, device, dtype), _read_preprocessor(path), device, dtype)
+    return _cached(("m2f", os.path.abspath(path), str(device), dtype), load)
+
+
+# ------------------------------------------------------------------------------------- colour classifier
+class ColorClassifier:
+    """GenEval's colour step: CLIP zero-shot over COLORS on the masked crop (background #999)."""
+
+    def __init__(self, clip: ClipBundle):
+        self.clip = clip
+        self._weights: dict[str, torch.Tensor] = {}
+
+    def weights(self, classname: str) -> torch.Tensor:
+        """(D, 10) zero-shot weights: per colour, mean of the normalised template embeddings, renormalised.
+        Call with clip.lock held."""
+        if classname not in self._weights:
+            texts = [t.format(c=c, o=classname) for c in COLORS for t in COLOR_TEMPLATES]
+            e = self.clip.text_embeds(texts).view(len(COLORS), len(COLOR_TEMPLATES), -1).mean(1)
+            self._weights[classname] = F.normalize(e, dim=-1).t()
+        return self._weights[classname]
+
+    def crops(self, image: torch.Tensor, dets: list[Detection]) -> torch.Tensor:
+        """(N,3,crop,crop) preprocessed crops of one image (3,H,W) in [0,1]."""
+        p, out = self.clip.prep, []
+        H, W = image.shape[-2:]
+        for d in dets:
+            x = image.float()
+            if d.mask is not None:
+                m = torch.as_tensor(np.asarray(d.mask), device=x.device).bool()
+                if tuple(m.shape) != (H, W):
+                    raise ValueError(f"detection mask shape {tuple(m.shape)} != image size {(H, W)}")
+                x = torch.where(m, x, torch.full_like(x, COLOR_BACKGROUND))
+            x0, y0, x1, y1 = (int(round(v)) for v in d.box[:4])
+            x0, y0 = min(max(x0, 0), W - 1), min(max(y0, 0), H - 1)
+            x1, y1 = max(min(x1, W), x0 + 1), max(min(y1, H), y0 + 1)
+            crop = x[:, y0:y1, x0:x1].unsqueeze(0)
+            out.append(resize_crop_normalize(crop, p["size"], p["crop"], p["mean"], p["std"]))
+        return torch.cat(out)
+
+    def __call__(self, image: torch.Tensor, dets: list[Detection], classname: str) -> list[str]:
+        x = self.crops(image.to(self.clip.device), dets)
+        with self.clip.lock:
+            w = self.weights(classname)
+            e = self.clip.image_embeds(x, preprocessed=True)
+        return [COLORS[i] for i in (e @ w).argmax(1).tolist()]
+
+
+# ------------------------------------------------------------------------------------- reward factories
+def _out(values, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.float32).reshape(-1).to(like.device)
+
+
+def geneval_from_detector(detect: Callable, name: str, color_classifier: ColorClassifier | None = None):
+    """GenEval scoring around any detector `detect(images) -> list[list[Detection]]`; returns
+    fn(images, prompts, metadata) -> {name: partial, name + "_strict": strict (0/1)}."""
+    def fn(images, prompts, metadata):
+        if metadata is None or len(metadata) != images.shape[0]:
+            raise ValueError(f"reward {name!r} needs one GenEval metadata dict per image "
+                             f"(got {None if metadata is None else len(metadata)} for {images.shape[0]} images)")
+        for m in metadata:
+            _check_meta(m)
+        detections = detect(images)
+        partial, strict = [], []
+        for b, (dets, meta) in enumerate(zip(detections, metadata)):
+            clf = None if color_classifier is None else (lambda ds, c, b=b: color_classifier(images[b], ds, c))
+            p, s = geneval_score(dets, meta, clf)
+            partial.append(p)
+            strict.append(float(s))
+        return {name: _out(partial, images), name + "_strict": _out(strict, images)}
+    return fn
+
+
+def geneval_reward(paths: dict, device="cpu", dtype=None):
+    """GenEval: Mask2Former (paths["mask2former"]) + CLIP ViT-L/14 colour (paths["clip_l"])."""
+    m2f, clip_l = _need_path(paths, "mask2former", "geneval"), _need_path(paths, "clip_l", "geneval")
+    detector = load_mask2former(m2f, device, dtype)
+    return geneval_from_detector(detector, "geneval", ColorClassifier(load_clip(clip_l, None, device, dtype)))
+
+
+def shapes_reward(paths: dict, device="cpu", dtype=None):
+    """GenEval scoring with the shapes world's numpy detector (sets each Detection's colour; no weights)."""
+    from data.shapes.world import detect
+    return geneval_from_detector(lambda images: detect(images.detach().float().cpu()), "shapes")
+
+
+def _clip_pair_scores(clip: ClipBundle, images, prompts, logit_scale: bool = False):
+    with clip.lock:
+        img = clip.image_embeds(images)
+        txt = clip.text_embeds(prompts)
+        s = (img * txt).sum(-1)
+        if logit_scale:
+            s = s * clip.model.logit_scale.float().exp()
+    return s
+
+
+def pickscore_reward(paths: dict, device="cpu", dtype=None):
+    """PickScore: logit_scale.exp() * cos(text, image) with the PickScore_v1 CLIP-H, reported / 26."""
+    clip = load_clip(_need_path(paths, "pickscore", "pickscore"),
+                     _need_path(paths, "pickscore_processor", "pickscore"), device, dtype)
+
+    def fn(images, prompts, metadata=None):
+        return {"pickscore": _out(_clip_pair_scores(clip, images, prompts, logit_scale=True) / PICKSCORE_SCALE, images)}
+    return fn
+
+
+def clipscore_reward(paths: dict, device="cpu", dtype=None):
+    """CLIPScore: cosine(text, image) with CLIP ViT-L/14."""
+    clip = load_clip(_need_path(paths, "clip_l", "clipscore"), None, device, dtype)
+
+    def fn(images, prompts, metadata=None):
+        return {"clipscore": _out(_clip_pair_scores(clip, images, prompts), images)}
+    return fn
+
+
+def hpsv2_reward(paths: dict, device="cpu", dtype=None):
+    """HPSv2.1: cosine(text, image) with the HPS v2.1 OpenCLIP ViT-H/14 mapped onto CLIPModel."""
+    hps = load_hps(_need_path(paths, "hpsv2", "hpsv2"),
+                   _need_path(paths, "hpsv2_processor", "hpsv2"), device, dtype)
+
+    def fn(images, prompts, metadata=None):
+        return {"hpsv2": _out(_clip_pair_scores(hps, images, prompts), images)}
+    return fn
+
+
+class AestheticMLP(nn.Module):
+    """LAION improved-aesthetic-predictor head (keys layers.{0,2,4,6,7}.*); dropouts are identity at eval."""
+
+    def __init__(self, dim: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def load_aesthetic_mlp(path: str, device="cpu") -> AestheticMLP:
+    """Strict load of the MLP from .safetensors (fp32; it is tiny)."""
+    from safetensors.torch import load_file
+    sd = load_file(path)
+    if "layers.0.weight" not in sd:
+        raise ValueError(f"{path}: not the LAION aesthetic MLP (no 'layers.0.weight'; keys {sorted(sd)[:6]})")
+    mlp = AestheticMLP(sd["layers.0.weight"].shape[1])
+    missing, unexpected = mlp.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: aesthetic MLP keys: missing {missing}, unexpected {unexpected}")
+    return mlp.to(device).eval().requires_grad_(False)
+
+
+def aesthetic_reward(paths: dict, device="cpu", dtype=None):
+    """LAION aesthetic predictor: MLP on the L2-normalised CLIP ViT-L/14 image embedding.
+
+    Weights: sac+logos+ava1-l14-linearMSE.pth (github christophschuhmann/improved-aesthetic-predictor, also
+    on HF e.g. camenduru/improved-aesthetic-predictor); convert once to safetensors:
+        python -c "import torch,safetensors.torch as s; s.save_file(torch.load('sac+logos+ava1-l14-linearMSE.pth', map_location='cpu', weights_only=True), 'aesthetic_mlp.safetensors')"
+    """
+    clip = load_clip(_need_path(paths, "clip_l", "aesthetic"), None, device, dtype)
+    mlp_path = _need_path(paths, "aesthetic", "aesthetic")
+    mlp = _cached(("aes", os.path.abspath(mlp_path), str(device)), lambda: load_aesthetic_mlp(mlp_path, device))
+
+    def fn(images, prompts=None, metadata=None):
+        with clip.lock:
+            e = clip.image_embeds(images)
+            s = mlp(e.to(next(mlp.parameters()).device)).squeeze(-1)
+        return {"aesthetic": _out(s, images)}
+    return fn
+
+
+REWARDS: dict[str, Callable] = {
+    "geneval": geneval_reward, "pickscore": pickscore_reward, "clipscore": clipscore_reward,
+    "aesthetic": aesthetic_reward, "hpsv2": hpsv2_reward, "shapes": shapes_reward,
+}
+REQUIRED_PATHS = {   # checked for every named reward before any model loads
+    "geneval": ["mask2former", "clip_l"], "pickscore": ["pickscore", "pickscore_processor"],
+    "clipscore": ["clip_l"], "aesthetic": ["clip_l", "aesthetic"], "hpsv2": ["hpsv2", "hpsv2_processor"], "shapes": [],
+}
+
+
+def parse_spec(spec) -> dict[str, float]:
+    """"name" -> {name: 1.0}; {name: weight} validated."""
+    if isinstance(spec, str):
+        spec = {spec: 1.0}
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"reward spec must be a name or a non-empty {{name: weight}} dict, got {spec!r}")
+    out = {}
+    for name, w in spec.items():
+        if name not in REWARDS:
+            raise ValueError(f"unknown reward {name!r}; choose from {sorted(REWARDS)}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"reward weight for {name!r} must be a finite number, got {w!r}")
+        out[name] = float(w)
+    return out
+
+
+def check_paths(spec, paths: dict | None) -> dict[str, str]:
+    """Validate a spec and resolve every local path it needs, loading nothing (for config checks).
+    Returns {key: resolved path}; raises ValueError (spec) or FileNotFoundError (paths) like build()."""
+    paths = dict(paths or {})
+    return {key: _need_path(paths, key, name) for name in parse_spec(spec) for key in REQUIRED_PATHS[name]}
+
+
+def combine(fns: dict[str, Callable], weights: dict[str, float]) -> Callable:
+    """Run several reward fns and add "avg" = sum_k weights[k] * scores[k]."""
+    def fn(images, prompts, metadata=None):
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"reward images must be a (B,3,H,W) tensor in [0,1], got "
+                             f"{tuple(images.shape) if torch.is_tensor(images) else type(images)}")
+        if prompts is not None and len(prompts) != images.shape[0]:
+            raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
+        out: dict[str, torch.Tensor] = {}
+        for name, f in fns.items():
+            out.update(f(images, prompts, metadata))
+        out["avg"] = sum(weights[n] * out[n] for n in weights)
+        return out
+    return fn
+
+
+def build(spec, paths: dict | None = None, device="cpu", dtype=None) -> Callable:
+    """Reward fn(images (B,3,H,W) in [0,1], prompts, metadata) -> {name: (B,) float32, ..., "avg": (B,)}.
+
+    spec: a name in REWARDS or {name: weight}; paths: see the module docstring (keys in REQUIRED_PATHS);
+    dtype None -> fp16 on CUDA, fp32 otherwise. Safe to call from several threads."""
+    weights = parse_spec(spec)
+    paths = dict(paths or {})
+    check_paths(weights, paths)   # every path checked before anything loads
+    return combine({name: REWARDS[name](paths, device, dtype) for name in weights}, weights)
