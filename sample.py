@@ -1,0 +1,495 @@
+"""
+Sampling for SD3.5-style rectified-flow models: the sigma schedule, three solvers, the
+noise-aware condition schedule of E²PO (Eq. 13), group sampling (Eq. 8), and a CLI that writes images.
+
+Conventions (SD3): x_σ = (1 − σ)·x0 + σ·ε, the model predicts v = ε − x0, so x0 = x_σ − σ·v.
+σ runs 1 → 0 on `sigma_schedule`, which equals diffusers' FlowMatchEulerDiscreteScheduler(shift=3)
+bit for bit. Every solver takes any callable `model(x, sigma, context, pooled) -> v` (x (B,16,h,w),
+sigma (B,)), so the maths is testable with analytic flows; model.MMDiT is one such callable.
+
+Solvers
+- "euler": x ← x + (σ_next − σ)·v. The evaluation sampler (40 steps); equals diffusers'
+  StableDiffusion3Pipeline at guidance 1.
+- "dpm2m": deterministic DPM-Solver++(2M), data-prediction form, with α = 1 − σ, λ = log(α/σ):
+  x_next = (σ_next/σ)·x − α_next·(e^(−h) − 1)·(D0 + D1/2), D0 = x0_i, D1 = (x0_i − x0_{i−1})·h/h_prev.
+  First and last steps are first order (then the update is exactly Euler). DiffusionNFT's rollout
+  solver (10 steps). As in DiffusionNFT, which runs it on the same σ grid starting at σ = 1, the
+  step right after σ = 1 is first order as well: λ(1) = −∞, so h_prev = ∞ and the correction vanishes.
+- "sde": Flow-GRPO's SDE step with noise level η: std = η·sqrt(σ/(1 − σ)) (σ = 1 uses the grid's second
+  value in the denominator), mean = x·(1 + std²/(2σ)·dt) + v·(1 + std²(1 − σ)/(2σ))·dt,
+  x_next = mean + std·sqrt(−dt)·ξ, dt = σ_next − σ. η = 0 is Euler exactly.
+
+Conditioning: C(σ) = C_orig + γ(σ)·(C_opt − C_orig) on context and pooled at every model call,
+γ(σ) = clip((σ − (1 − ρ))/ρ, 0, 1) (Eq. 13; "static" ablation: γ ≡ 1). Written this way the original
+member (C_opt == C_orig) is bit-exactly unchanged; γ = 0 and γ = 1 use C_orig / C_opt as they are.
+Classifier-free guidance is optional and off by default (E²PO samples with scale 1: one forward per step).
+Sampling runs under torch.no_grad; the solver state stays float32 and the model runs under whatever
+autocast context the caller opened.
+
+Group order (sample_groups): prompt-major, then variant, then noise seed:
+    n = (p·K' + k')·G + g,  K' = K (anchor) or K − 1 (no anchor, variants 1..K−1)
+The G noises of a prompt are shared by all its variants (Eq. 8), and are drawn as
+torch.randn((P, G, C, h, w), generator=generator) on the generator's device (CPU by default).
+
+Run:
+    python sample.py --prompt "a red circle above a blue square"          # default world, data/shapes/sd3_tiny
+    python sample.py --prompt "..." --num_variants 4 --num_images 3        # E²PO's variants side by side
+    python sample.py --prompt "..." --solver dpm2m --steps 10              # the rollout sampler
+    python sample.py --prompt "..." --weights sd3.5_medium.safetensors --text_encoders /path/to/pipeline_root
+
+Departures from the references
+- DiffusionNFT's rollout sampler passes the timestep to the transformer as an integer (σ·1000 cast to long);
+  we pass the exact σ (as diffusers' pipeline does, and as DiffusionNFT's own training step does).
+- Flow-GRPO also injects noise on the last step (σ_next = 0), which leaves noise in the output; our SDE
+  takes a deterministic step there, so the sampler returns a clean x0.
+- The SDE's step noise is shared across the K variants of a (prompt, seed) too, like the initial noise,
+  so that under the SDE as well the spread across variants is purely semantic.
+"""
+
+import argparse
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# defaults
+NUM_TRAIN_TIMESTEPS = 1000   # SD3.5 scheduler config
+SHIFT = 3.0                  # SD3.5 scheduler config
+EVAL_STEPS = 40              # Euler, evaluation
+ROLLOUT_STEPS = 10           # DPM-Solver++(2M), DiffusionNFT rollouts
+ETA = 0.7                    # Flow-GRPO noise level for the SDE sampler
+RHO = 0.4                    # Eq. 13 perturbation range
+LATENT_CHANNELS = 16
+LATENT_SIZE = (64, 64)       # 512² images through the 8× VAE
+MICRO_BATCH = 8
+SOLVERS = ("euler", "dpm2m", "sde")
+SCHEDULES = ("noise_aware", "static")
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "data" / "shapes" / "sd3_tiny"
+WORLD_SIZE = 64              # the default world's image side (data/shapes/world.py SIZE)
+
+
+# -----------------------------------------------------------------------------
+# schedule and γ
+
+def sigma_schedule(num_steps, shift=SHIFT):
+    """(num_steps+1,) float32 sigmas, 1 → 0, equal to diffusers'
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift).set_timesteps(num_steps).sigmas.
+    Its timesteps are linspace(1000·σ_max, 1000·σ_min, n) in float64, where σ_min is the shifted
+    σ of train timestep 1 computed in float32; then shifted, cast to float32, and a 0 is appended."""
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift!r}")
+    n, T = int(num_steps), NUM_TRAIN_TIMESTEPS
+    s = torch.tensor(1.0, dtype=torch.float32) / T                 # train σ of timestep 1, float32 as in diffusers
+    sigma_min = (shift * s / (1 + (shift - 1) * s)).item()
+    t = np.linspace(1.0 * T, sigma_min * T, n)                     # σ_max = 1 (shift maps 1 to 1)
+    sig = t / T
+    sig = shift * sig / (1 + (shift - 1) * sig)
+    return torch.cat([torch.from_numpy(sig).to(torch.float32), torch.zeros(1)])
+
+
+def gamma(sigma, rho=RHO):
+    """Eq. 13: γ(σ) = clip((σ − (1 − ρ))/ρ, 0, 1), ρ ∈ (0, 1]. Takes a float (returns a float) or a
+    tensor (returns float64). γ = 1 for σ ≥ 1 and 0 for σ ≤ 1 − ρ, exactly."""
+    if not 0 < rho <= 1:
+        raise ValueError(f"rho must be in (0, 1], got {rho!r}")
+    if torch.is_tensor(sigma):
+        s = sigma.double()
+        g = ((s - (1.0 - rho)) / rho).clamp(0.0, 1.0)
+        return torch.where(s >= 1.0, torch.ones_like(g), g)
+    s = float(sigma)
+    return 1.0 if s >= 1.0 else min(1.0, max(0.0, (s - (1.0 - rho)) / rho))
+
+
+def _mix(orig, opt, g):
+    """C_orig + γ·(C_opt − C_orig); γ = 0 / 1 return the tensors themselves (exact)."""
+    if opt is None or g == 0.0:
+        return orig
+    if g == 1.0:
+        return opt
+    return orig + g * (opt - orig)
+
+
+# -----------------------------------------------------------------------------
+# one velocity evaluation (conditions at σ, optional CFG)
+
+def _velocity(model, x, sigma, cond, g, guidance_scale):
+    """v at (x, σ) with conditions mixed by γ = g. Returns float32."""
+    context, pooled, context_opt, pooled_opt, neg_context, neg_pooled = cond
+    ctx, pol = _mix(context, context_opt, g), _mix(pooled, pooled_opt, g)
+    B = x.shape[0]
+    if guidance_scale == 1.0:
+        return model(x, sigma.expand(B), ctx, pol).float()
+    # batched [uncond, cond] as diffusers' pipeline does
+    v = model(torch.cat([x, x]), sigma.expand(2 * B), torch.cat([neg_context, ctx]), torch.cat([neg_pooled, pol])).float()
+    v_uncond, v_cond = v.chunk(2)
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+# -----------------------------------------------------------------------------
+# solver steps (x float32; σ's as float32 0-dim tensors for Euler, float64 python numbers for the rest)
+
+def euler_step(x, v, sigma, sigma_next):
+    """x + (σ_next − σ)·v with σ's as float32 tensors, as diffusers' FlowMatchEulerDiscreteScheduler."""
+    return x + (sigma_next - sigma) * v
+
+
+def dpm2m_step(x, x0, x0_prev, s, s_next, s_prev):
+    """DPM-Solver++(2M) in data-prediction form for flow matching (α = 1 − σ, λ = log(α/σ)).
+    s, s_next, s_prev are python floats; x0_prev None → first-order step (== Euler / DDIM)."""
+    if s_next == 0.0 or x0_prev is None or s_prev >= 1.0:
+        # first order: x_next = (σ_n/σ)·x + (1 − σ_n/σ)·x0   (the exact limit when σ_prev = 1: h_prev = ∞)
+        r = s_next / s
+        return r * x + (1.0 - r) * x0
+    lam = lambda t: math.log(1.0 - t) - math.log(t)
+    h, h_prev = lam(s_next) - lam(s), lam(s) - lam(s_prev)
+    c = -(1.0 - s_next) * math.expm1(-h)                    # −α_next·(e^(−h) − 1)
+    D1 = (h / h_prev) * (x0 - x0_prev)
+    return (s_next / s) * x + c * (x0 + 0.5 * D1)
+
+
+def sde_step(x, v, s, s_next, s_max, eta, noise):
+    """Flow-GRPO's SDE step (sde_step_with_logprob, sde_type='sde'); s, s_next, s_max python floats.
+    The last step (σ_next = 0) is deterministic Euler."""
+    dt = s_next - s
+    if s_next == 0.0 or eta == 0.0:
+        return x + dt * v
+    std = eta * math.sqrt(s / (1.0 - (s_max if s == 1.0 else s)))
+    mean = x * (1.0 + std ** 2 / (2 * s) * dt) + v * (1.0 + std ** 2 * (1.0 - s) / (2 * s)) * dt
+    return mean + (std * math.sqrt(-dt)) * noise
+
+
+def _solve(model, x, sigmas, cond, solver, eta, gammas, guidance_scale, step_noise, progress=None):
+    """Integrate from sigmas[0] to sigmas[-1]. gammas[i] is γ at model call i; step_noise(i) gives the
+    SDE noise for step i (same shape as x)."""
+    x = x.float()
+    sig64 = sigmas.double().tolist()
+    x0_prev = None
+    for i in range(len(sigmas) - 1):
+        v = _velocity(model, x, sigmas[i], cond, gammas[i], guidance_scale)
+        if solver == "euler":
+            x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+        elif solver == "dpm2m":
+            x0 = x - sig64[i] * v
+            s_prev = sig64[i - 1] if i > 0 else None
+            x = dpm2m_step(x, x0, x0_prev, sig64[i], sig64[i + 1], s_prev)
+            x0_prev = x0
+        else:
+            noise = step_noise(i) if (eta > 0 and sig64[i + 1] > 0) else None
+            x = sde_step(x, v, sig64[i], sig64[i + 1], sig64[1], eta, noise)
+        if progress is not None:
+            progress.update(1)
+    return x
+
+
+def _check_args(solver, schedule, rho, num_steps, eta, guidance_scale, neg_context, neg_pooled):
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not 0 < rho <= 1:
+        raise ValueError(f"rho must be in (0, 1], got {rho!r}")
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta!r}")
+    if guidance_scale < 1:
+        raise ValueError(f"guidance_scale must be >= 1 (1 = no CFG), got {guidance_scale!r}")
+    if guidance_scale > 1 and (neg_context is None or neg_pooled is None):
+        raise ValueError("guidance_scale > 1 needs neg_context and neg_pooled (the unconditional conditions)")
+
+
+def _gammas(sigmas, context_opt, pooled_opt, schedule, rho):
+    if context_opt is None and pooled_opt is None:
+        return [0.0] * (len(sigmas) - 1)
+    if schedule == "static":
+        return [1.0] * (len(sigmas) - 1)
+    return [gamma(s, rho) for s in sigmas[:-1].double().tolist()]
+
+
+def _expand_neg(t, B):
+    return None if t is None else (t.expand(B, *t.shape[1:]) if t.shape[0] == 1 else t)
+
+
+# -----------------------------------------------------------------------------
+# plain sampling
+
+@torch.no_grad()
+def sample(model, noise, context, pooled, num_steps=EVAL_STEPS, solver="euler", shift=SHIFT, eta=ETA,
+           guidance_scale=1.0, neg_context=None, neg_pooled=None, context_opt=None, pooled_opt=None,
+           rho=RHO, schedule="noise_aware", generator=None, progress=None):
+    """Integrate noise (B,C,h,w) at σ = 1 to clean latents x0 (float32, model space).
+    context (B,S,D), pooled (B,Dp). context_opt/pooled_opt (same shapes) switch on Eq. 13:
+    C(σ) = C_orig + γ(σ)·(C_opt − C_orig); a missing one of the two stays at the original.
+    neg_context/neg_pooled (B or 1 rows) are used only when guidance_scale > 1.
+    generator draws the SDE's step noise (solver="sde"). progress: optional tqdm-like with .update()."""
+    _check_args(solver, schedule, rho, num_steps, eta, guidance_scale, neg_context, neg_pooled)
+    B = noise.shape[0]
+    if noise.ndim != 4 or context.ndim != 3 or pooled.ndim != 2 or context.shape[0] != B or pooled.shape[0] != B:
+        raise ValueError(f"shapes: noise (B,C,h,w), context (B,S,D), pooled (B,Dp) with one B; got "
+                         f"{tuple(noise.shape)}, {tuple(context.shape)}, {tuple(pooled.shape)}")
+    for name, t, ref in (("context_opt", context_opt, context), ("pooled_opt", pooled_opt, pooled)):
+        if t is not None and t.shape != ref.shape:
+            raise ValueError(f"{name} must have the shape of the original {tuple(ref.shape)}, got {tuple(t.shape)}")
+    sigmas = sigma_schedule(num_steps, shift).to(noise.device)
+    gammas = _gammas(sigmas, context_opt, pooled_opt, schedule, rho)
+    cond = (context, pooled, context_opt, pooled_opt, _expand_neg(neg_context, B), _expand_neg(neg_pooled, B))
+    gen_device = generator.device if generator is not None else noise.device
+    step_noise = lambda i: torch.randn(noise.shape, generator=generator, device=gen_device).to(noise.device)
+    return _solve(model, noise, sigmas, cond, solver, eta, gammas, guidance_scale, step_noise, progress)
+
+
+# -----------------------------------------------------------------------------
+# group sampling (Eq. 8 + Eq. 13 + reference-anchored batching)
+
+@dataclass
+class Group:
+    latents: torch.Tensor             # (N,16,h,w) clean latents, float32, model space
+    images: torch.Tensor | None       # (N,3,H,W) in [0,1], or None
+    prompt_idx: torch.Tensor          # (N,) long, CPU: p
+    variant: torch.Tensor             # (N,) long, CPU: k (0 = the original prompt)
+    seed_idx: torch.Tensor            # (N,) long, CPU: g (which shared noise)
+
+
+def _adapter_context(model, adapter):
+    """model.use_adapter(model, adapter) when the model carries LoRA layers; otherwise nothing."""
+    if adapter is None or not isinstance(model, torch.nn.Module):
+        return nullcontext()
+    try:
+        import model as model_lib
+    except ImportError:
+        return nullcontext()
+    if not hasattr(model_lib, "lora_layers") or not model_lib.lora_layers(model):
+        return nullcontext()
+    return model_lib.use_adapter(model, adapter)      # unknown adapter name: ValueError from model.set_adapter
+
+
+@torch.no_grad()
+def sample_groups(model, vae, perturbed, num_seeds, num_steps=ROLLOUT_STEPS, solver="dpm2m", rho=RHO,
+                  schedule="noise_aware", anchor=True, micro_batch=MICRO_BATCH, latent_size=LATENT_SIZE,
+                  generator=None, adapter="old", decode=True, shift=SHIFT, eta=ETA, progress=False):
+    """For each prompt p of `perturbed` (context (P,K,S,D), pooled (P,K,Dp); [:,0] the original), sample
+    G = num_seeds noises × the K conditions, the G noises shared across k. Flattened prompt-major,
+    then variant, then seed: n = (p·K' + k')·G + g (see the module docstring). Model calls run in
+    chunks of `micro_batch` samples (each chunk is integrated over all steps). anchor=False drops
+    k = 0. Samples with the named LoRA adapter of the model (None: as the model is set).
+    Decodes with vae.decode (in chunks of micro_batch) when vae is given and decode=True.
+    Deterministic given `generator` (initial noise (P,G,C,h,w), then, for the SDE, per step (P,G,C,h,w))."""
+    ctx_all, pool_all = perturbed.context, perturbed.pooled
+    if ctx_all.ndim != 4 or pool_all.ndim != 3 or ctx_all.shape[:2] != pool_all.shape[:2]:
+        raise ValueError(f"perturbed.context must be (P,K,S,D) and perturbed.pooled (P,K,Dp); got "
+                         f"{tuple(ctx_all.shape)} and {tuple(pool_all.shape)}")
+    _check_args(solver, schedule, rho, num_steps, eta, 1.0, None, None)
+    P, K = ctx_all.shape[:2]
+    G = int(num_seeds)
+    if G < 1:
+        raise ValueError(f"num_seeds must be >= 1, got {num_seeds!r}")
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch!r}")
+    variants = list(range(K)) if anchor else list(range(1, K))
+    if not variants:
+        raise ValueError("anchor=False needs num_variants K >= 2 (the group would be empty)")
+    h, w = latent_size
+    C = getattr(getattr(model, "cfg", None), "in_channels", LATENT_CHANNELS)
+    device = ctx_all.device
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    noise = torch.randn((P, G, C, h, w), generator=generator, device=gen_device).to(device)
+
+    sigmas = sigma_schedule(num_steps, shift).to(device)
+    step_noise_all = None
+    if solver == "sde" and eta > 0:
+        step_noise_all = [torch.randn((P, G, C, h, w), generator=generator, device=gen_device).to(device)
+                          for _ in range(num_steps - 1)]
+
+    Kv = len(variants)
+    idx = torch.arange(P * Kv * G)
+    prompt_idx, kk, seed_idx = idx // (Kv * G), (idx // G) % Kv, idx % G
+    variant = torch.tensor(variants)[kk]
+
+    chunks = [slice(a, min(a + micro_batch, len(idx))) for a in range(0, len(idx), micro_batch)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(chunks) * num_steps, desc="sampling", unit="step")
+    out = []
+    with _adapter_context(model, adapter):
+        for sl in chunks:
+            p, k, g = prompt_idx[sl].to(device), variant[sl].to(device), seed_idx[sl].to(device)
+            context, pooled = ctx_all[p, 0], pool_all[p, 0]
+            context_opt, pooled_opt = ctx_all[p, k], pool_all[p, k]
+            if not (k != 0).any():
+                context_opt = pooled_opt = None        # only originals: plain sampling
+            gammas = _gammas(sigmas, context_opt, pooled_opt, schedule, rho)
+            cond = (context, pooled, context_opt, pooled_opt, None, None)
+            step_noise = (lambda i, p=p, g=g: step_noise_all[i][p, g]) if step_noise_all else None
+            out.append(_solve(model, noise[p, g], sigmas, cond, solver, eta, gammas, 1.0, step_noise, bar))
+    if bar is not None:
+        bar.close()
+    latents = torch.cat(out)
+
+    images = None
+    if vae is not None and decode:
+        images = torch.cat([vae.decode(latents[sl]).float() for sl in chunks])
+    return Group(latents=latents, images=images, prompt_idx=prompt_idx, variant=variant, seed_idx=seed_idx)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def _load_model_lib():
+    import model as model_lib
+    return model_lib
+
+
+def _load_text_encoders(path, dtype, device):
+    """model.load_text_encoders once the text stack is merged; model_text.py before that."""
+    model_lib = _load_model_lib()
+    fn = getattr(model_lib, "load_text_encoders", None)
+    if fn is None:
+        import model_text
+        fn = model_text.load_text_encoders
+    return fn(path, dtype=dtype, device=device)      # no T5 weights there: a zero T5 part
+
+
+def _native_size(weights):
+    """Image side the model was made for: transformer/config.json sample_size (latent side) × the VAE factor."""
+    import json
+    root = Path(weights)
+    cfg_t, cfg_v = root / "transformer" / "config.json", root / "vae" / "config.json"
+    if not cfg_t.is_file():
+        return None
+    sample_size = json.loads(cfg_t.read_text()).get("sample_size")
+    factor = 2 ** (len(json.loads(cfg_v.read_text()).get("block_out_channels", [0] * 4)) - 1) if cfg_v.is_file() else 8
+    return None if sample_size is None else sample_size * factor
+
+
+def _to_pil(img):
+    from PIL import Image
+    arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def save_grid(images, path, ncols):
+    """images (N,3,H,W) in [0,1] → one PNG, row-major with ncols columns."""
+    from PIL import Image
+    N, _, H, W = images.shape
+    nrows = math.ceil(N / ncols)
+    grid = Image.new("RGB", (ncols * W, nrows * H), "white")
+    for i in range(N):
+        grid.paste(_to_pil(images[i]), ((i % ncols) * W, (i // ncols) * H))
+    grid.save(path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Sample images from an SD3/SD3.5 model (default: the shapes world).")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--weights", default=None, help=f"pipeline root, transformer/ folder or single file (default {DEFAULT_WEIGHTS})")
+    ap.add_argument("--text_encoders", default=None, help="pipeline root with text_encoder/, tokenizer/… (default: --weights)")
+    ap.add_argument("--lora", default=None, help="LoRA safetensors (model.save_lora format)")
+    ap.add_argument("--num_images", type=int, default=4, help="noises per variant")
+    ap.add_argument("--steps", type=int, default=EVAL_STEPS)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="out/samples")
+    ap.add_argument("--num_variants", type=int, default=1, help="K: the prompt plus K-1 learned perturbations")
+    ap.add_argument("--solver", default="euler", choices=SOLVERS)
+    ap.add_argument("--eta", type=float, default=ETA)
+    ap.add_argument("--rho", type=float, default=RHO)
+    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default world: 64; else the model's native size, else 512)")
+    ap.add_argument("--guidance_scale", type=float, default=1.0)
+    ap.add_argument("--micro_batch", type=int, default=MICRO_BATCH)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+
+    # validate before loading anything
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+    if args.num_images < 1 or args.num_variants < 1 or args.steps < 1:
+        raise ValueError("--num_images, --num_variants and --steps must be >= 1")
+    if args.num_variants > 1 and args.guidance_scale != 1.0:
+        raise ValueError("--num_variants > 1 samples without CFG (as E²PO does); leave --guidance_scale at 1")
+    weights = Path(args.weights) if args.weights else DEFAULT_WEIGHTS
+    if not weights.exists():
+        if args.weights is None:
+            raise FileNotFoundError(f"the default world's model is missing: {weights} (build it with "
+                                    f"`python data/shapes/pretrain.py`, or pass --weights)")
+        raise FileNotFoundError(f"--weights not found: {weights}")
+    te_path = Path(args.text_encoders) if args.text_encoders else weights
+    if not te_path.is_dir():
+        raise ValueError(f"text encoders need a pipeline root folder (text_encoder/, tokenizer/…); "
+                         f"{te_path} is not one: pass --text_encoders")
+    if args.lora and not Path(args.lora).is_file():
+        raise FileNotFoundError(f"--lora not found: {args.lora}")
+    # default world: its render size (its transformer config's sample_size is the pos-embed grid, not the training size)
+    size = args.size or (WORLD_SIZE if args.weights is None else (weights.is_dir() and _native_size(weights)) or 512)
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    model_lib = _load_model_lib()
+    mmdit = model_lib.load_mmdit(weights, device=device).eval()
+    vae = model_lib.load_vae(weights, device=device).eval()
+    text = _load_text_encoders(te_path, torch.float32, device)
+    factor = 2 ** (len(getattr(vae, "block_out_channels", (0,) * 4)) - 1)       # 8 for SD3's VAE
+    patch = getattr(getattr(mmdit, "cfg", None), "patch_size", 2)
+    if size % (factor * patch):
+        raise ValueError(f"--size must be a multiple of {factor * patch} (VAE factor {factor} × patch {patch}), got {size}")
+    adapter = None
+    if args.lora:
+        model_lib.load_lora(mmdit, args.lora, adapter="policy")
+        adapter = "policy"
+
+    if args.num_variants > 1:
+        import perturb
+        perturbed = perturb.learn_perturbations(text, [args.prompt], num_variants=args.num_variants, seed=args.seed)
+        s = perturbed.stats
+        if "cos_to_anchor" in s:
+            print(f"variants: cos to the original prompt {[round(float(c), 3) for c in torch.as_tensor(s['cos_to_anchor']).flatten()]}")
+    else:
+        with torch.no_grad():
+            context, pooled = text.encode([args.prompt])
+        perturbed = SimpleNamespace(context=context[:, None], pooled=pooled[:, None])
+    perturbed.context, perturbed.pooled = perturbed.context.to(device), perturbed.pooled.to(device)
+
+    generator = torch.Generator().manual_seed(args.seed)
+    lat = size // factor
+    if args.guidance_scale == 1.0:
+        group = sample_groups(mmdit, vae, perturbed, args.num_images, num_steps=args.steps, solver=args.solver,
+                              rho=args.rho, micro_batch=args.micro_batch, latent_size=(lat, lat),
+                              generator=generator, adapter=adapter, eta=args.eta, progress=True)
+        images, ncols = group.images, args.num_variants
+        # grid: one row per noise, the variants side by side
+        order = (group.seed_idx * args.num_variants + group.variant).argsort()
+        images, names = images[order], [f"k{int(k)}_g{int(g)}" for k, g in zip(group.variant[order], group.seed_idx[order])]
+    else:
+        from tqdm import tqdm
+        with torch.no_grad():
+            neg_context, neg_pooled = text.encode([""])
+        C = getattr(getattr(mmdit, "cfg", None), "in_channels", LATENT_CHANNELS)
+        noise = torch.randn((args.num_images, C, lat, lat), generator=generator).to(device)
+        N = args.num_images
+        bar = tqdm(total=args.steps, desc="sampling", unit="step")
+        with _adapter_context(mmdit, adapter):
+            latents = sample(mmdit, noise, perturbed.context[:, 0].expand(N, -1, -1), perturbed.pooled[:, 0].expand(N, -1),
+                             num_steps=args.steps, solver=args.solver, eta=args.eta, guidance_scale=args.guidance_scale,
+                             neg_context=neg_context.to(device), neg_pooled=neg_pooled.to(device),
+                             generator=generator, progress=bar)
+        bar.close()
+        with torch.no_grad():
+            images = vae.decode(latents).float()
+        ncols, names = min(N, 4), [f"k0_g{g}" for g in range(N)]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for img, name in zip(images, names):
+        _to_pil(img).save(out / f"{name}.png")
+    save_grid(images, out / "grid.png", ncols=ncols if args.num_variants > 1 else min(len(images), 4))
+    print(f"wrote {len(images)} images and grid.png to {out}/")
+
+
+if __name__ == "__main__":
+    main()
