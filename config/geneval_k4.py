@@ -1,0 +1,25 @@
+# E²PO, Efficient Compositional Generation (paper App. B.1): GenEval reward, G=2, K=4, 850 steps.
+#   torchrun --nproc_per_node=8 train.py config/geneval_k4.py --weights=/models/stable-diffusion-3.5-medium \
+#       --reward_paths="{'geneval': '/models/geneval'}"
+# 48 prompt groups per step, as DiffusionNFT (48 × 8 = 384 samples).
+weights = "/models/stable-diffusion-3.5-medium"
+use_t5 = True
+max_sequence_length = 256                 # T5 tokens, as diffusers
+train_prompts = "data/geneval/train_metadata.jsonl"
+eval_prompts = "data/geneval/test_metadata.jsonl"
+eval_num_prompts = 0
+reward = "geneval"
+reward_paths = {}
+resolution = 512
+num_variants = 4
+num_seeds = 2
+prompts_per_step = 48                     # 6 per GPU on 8 GPUs
+rollout_micro_batch = 8
+train_micro_batch = 8
+max_steps = 850
+eval_every = 50
+save_every = 50
+log_images_every = 50
+dtype = "float16"
+grad_checkpointing = True
+out_dir = "out-geneval-k4"

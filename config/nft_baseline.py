@@ -1,0 +1,24 @@
+# The DiffusionNFT baseline: K=1 (no perturbation, no Phase I), G=24 noises per prompt, GenEval reward.
+# Same objective, schedule and hyperparameters as the E²PO presets; only the group changes.
+# Match max_steps to the E²PO run you compare against (the paper fixes total optimization steps).
+weights = "/models/stable-diffusion-3.5-medium"
+use_t5 = True
+max_sequence_length = 256                 # T5 tokens, as diffusers
+train_prompts = "data/geneval/train_metadata.jsonl"
+eval_prompts = "data/geneval/test_metadata.jsonl"
+eval_num_prompts = 0
+reward = "geneval"
+reward_paths = {}
+resolution = 512
+num_variants = 1
+num_seeds = 24
+prompts_per_step = 48                     # DiffusionNFT: 48 groups × 24 per epoch
+rollout_micro_batch = 12
+train_micro_batch = 9
+max_steps = 850
+eval_every = 50
+save_every = 50
+log_images_every = 50
+dtype = "float16"
+grad_checkpointing = True
+out_dir = "out-nft-baseline"

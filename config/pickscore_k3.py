@@ -1,0 +1,25 @@
+# E²PO, Human Preference Alignment (paper App. B.1): PickScore reward, G=8, K=3, 750 steps.
+#   torchrun --nproc_per_node=8 train.py config/pickscore_k3.py --weights=/models/stable-diffusion-3.5-medium \
+#       --reward_paths="{'pickscore': '/models/PickScore_v1'}"
+# 48 prompt groups per step, as DiffusionNFT (48 × 24 = 1152 samples).
+weights = "/models/stable-diffusion-3.5-medium"
+use_t5 = True
+max_sequence_length = 256                 # T5 tokens, as diffusers
+train_prompts = "data/pickscore/train.txt"   # DiffusionNFT's dataset/pickscore prompts, one per line
+eval_prompts = "data/pickscore/test.txt"
+eval_num_prompts = 0
+reward = "pickscore"
+reward_paths = {}
+resolution = 512
+num_variants = 3
+num_seeds = 8
+prompts_per_step = 48
+rollout_micro_batch = 12
+train_micro_batch = 9
+max_steps = 750
+eval_every = 50
+save_every = 50
+log_images_every = 50
+dtype = "float16"
+grad_checkpointing = True
+out_dir = "out-pickscore-k3"

@@ -1,0 +1,72 @@
+"""
+Poor man's configurator, nanoGPT style, but a function instead of an exec'd snippet.
+
+    python train.py config/geneval_k4.py --max_steps=10 --out_dir=out-k4
+
+Arguments are applied left to right: a path ending in `.py` is executed as Python and every
+top-level name it assigns (not starting with `_`) overrides that setting; `--key=value` overrides
+one setting, with the value parsed by `ast.literal_eval` (a bare word stays a string). Both are
+checked against the defaults: an unknown key or a value whose type differs from the default's is a
+ValueError / TypeError that names the key and where it came from. The one widening allowed is an
+int where the default is a float (`--lr=1` means 1.0).
+
+train.py calls `configure(defaults, sys.argv[1:])` and gets the effective config back as a dict.
+"""
+
+import ast
+import os
+
+
+def _check(key, value, defaults, origin):
+    """Return `value` if `key` is known and `value` has the default's type; raise otherwise."""
+    if key not in defaults:
+        close = [k for k in defaults if k.split("_")[0] == key.split("_")[0]]
+        hint = f" (did you mean one of {close}?)" if close else ""
+        raise ValueError(f"unknown config key {key!r} in {origin}{hint}")
+    default = defaults[key]
+    if isinstance(default, float) and type(value) is int:
+        return float(value)
+    if type(value) is not type(default):
+        raise TypeError(f"config key {key!r} in {origin}: expected {type(default).__name__} "
+                        f"like the default {default!r}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+        return text  # a bare word such as --reward=pickscore stays a string
+
+
+def apply_file(config, path):
+    """Execute a config file and apply the names it assigns (checked against `config`)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    scope = {}
+    with open(path) as f:
+        code = compile(f.read(), path, "exec")
+    exec(code, scope)
+    for key, value in scope.items():
+        if key.startswith("_") or key == "__builtins__":
+            continue
+        if type(value).__name__ == "module":  # `import math` in a config file is fine
+            continue
+        config[key] = _check(key, value, config, path)
+    return config
+
+
+def configure(defaults, argv):
+    """Return a new dict: `defaults` overridden by the config files and --key=value pairs in argv."""
+    config = dict(defaults)
+    for arg in argv:
+        if arg.startswith("--"):
+            if "=" not in arg:
+                raise ValueError(f"override {arg!r} must look like --key=value")
+            key, text = arg[2:].split("=", 1)
+            config[key] = _check(key, _parse_value(text), config, f"override {arg!r}")
+        elif arg.endswith(".py"):
+            apply_file(config, arg)
+        else:
+            raise ValueError(f"argument {arg!r} is neither a config file (*.py) nor --key=value")
+    return config

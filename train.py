@@ -1,0 +1,1000 @@
+"""
+E²PO training: Algorithm 1 of the paper with DiffusionNFT's objective, on one process or under torchrun.
+
+    python train.py                                        # the shapes world, CPU, minutes
+    python train.py --max_steps=2 --out_dir=out-test       # a smoke run
+    python train.py config/geneval_k4.py --weights=/models/stable-diffusion-3.5-medium
+    torchrun --nproc_per_node=8 train.py config/geneval_k12.py --weights=/models/sd3.5m
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 train.py config/pickscore_k3.py ...
+
+Settings are the constants below; `config/*.py` files and `--key=value` override them (configurator.py;
+unknown keys and wrong types are errors). Each iteration (= one optimizer step, `step`):
+
+  1. Phase I   learn the K−1 CLIP-L perturbations Δ of every prompt of this rank (perturb.py)
+  2. rollouts  G noises × K conditions per prompt with the "old" adapter under the noise-aware
+               schedule (sample.py); rewards (reward.py) run in a background thread while the next
+               prompt samples
+  3. advantages  rewards all-gathered; A = (R − group mean)/(std + 1e-4) with the std over the whole
+               gathered batch (global_std) or per group; clip ±A_max; r = clip(A/A_max/2 + 1/2, 0, 1)
+  4. NFT update  on C_orig only, over a random fraction of the sampler's own σ grid per sample:
+               v_old (adapter "old"), v_θ ("policy"), v_ref (LoRA off) → nft_loss; one AdamW step
+  5. old ← d·old + (1 − d)·θ (decay_type), EMA of θ into adapter "ema" (never written over θ)
+
+Outputs (rank 0): out_dir/config.json, log.jsonl (one line per step), ckpt.pt (atomic), groups/*.png
+(one rollout group: rows = variants, columns = seeds), samples/*.png (held-out prompts, EMA weights),
+curves.png, lora_policy.safetensors / lora_ema.safetensors (diffusers-loadable).
+
+Distributed: no DDP wrapper. Only the policy LoRA trains; the base is frozen and the "old"/"ema"
+adapters never get gradients, so after the last micro-step the policy gradients are averaged over
+ranks in one flat all-reduce (= DDP with no_sync on every micro-step but the last, without a wrapper
+that would need find_unused_parameters for three adapters sharing one base, and without `.module`
+everywhere the sampler and the trainer call the model). The all-reduce runs before GradScaler's
+unscale_, so an inf on any rank makes every rank skip the step. Every random draw (prompt order,
+rollout noise, training timesteps and noise) comes from a CPU generator keyed by (seed, step, global
+prompt/sample index), and perturb.py seeds Δ by (seed of the step, prompt), so 1, 2 or 8 ranks with the same global batch compute the same update
+(up to float summation order), and a resumed run repeats exactly what an uninterrupted one does.
+The global batch is prompts_per_step · K · G samples; each rank takes prompts_per_step / world_size
+prompts and accumulates over (its samples / train_micro_batch) · int(train_sample_steps · timestep_fraction)
+micro-steps; validate_config asserts that everything divides. Several nodes: every rank reads the
+weights, prompts and (on resume) out_dir/ckpt.pt, so they must be on storage all nodes see.
+
+Where this departs from the paper / DiffusionNFT's code
+- One optimizer step per iteration over the whole buffer (paper Table 3: grad accumulation per epoch 1);
+  the loss is averaged over every sample and training timestep of the global batch.
+- Rollouts run one prompt group at a time (noise keyed by the prompt's global slot), so the result does
+  not depend on the rank layout and each group's reward overlaps the next group's sampling.
+- Groups are formed by prompt slot, not by prompt string: a prompt drawn twice in one step is two groups.
+- v_old and v_ref are computed for all training timesteps of a micro-batch in batched no-grad forwards
+  (chunks of rollout_micro_batch, old and reference in one forward of the doubled batch) before the n_t
+  policy forwards; v_ref is skipped when kl_beta = 0.
+- The old adapter decays with the number of optimizer steps taken (= DiffusionNFT's global_step), as
+  does the EMA warm-up.
+- On CPU everything runs in float32 whatever `dtype` says (autocast/GradScaler are for GPUs).
+"""
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# default config: the shapes world (config/shapes.py repeats these values)
+# I/O
+out_dir = "out"
+resume = False              # continue from out_dir/ckpt.pt
+eval_every = 10             # evaluate held-out prompts every N steps (0 = never)
+save_every = 10             # checkpoint every N steps (and at the end)
+log_images_every = 10       # save one rollout group as a grid every N steps (0 = never)
+grid_prompts = 8            # held-out prompts shown in samples/*.png
+wandb_log = False           # only if wandb is installed
+wandb_project = "e2po"
+wandb_run_name = ""
+# model and data
+weights = ""                # pipeline root or single-file checkpoint; "" = data/shapes/sd3_tiny
+text_encoders = ""          # pipeline root holding text_encoder*/tokenizer*; "" = weights (or its folder)
+use_t5 = False              # SD3.5 uses T5-XXL; the shapes world has no T5
+max_sequence_length = 8     # T5 tokens (the world has no T5: 8 zero tokens, as it was pretrained; SD3.5: 256)
+train_prompts = "data/shapes/train.jsonl"   # GenEval-format jsonl (key "prompt") or .txt, one prompt a line
+eval_prompts = "data/shapes/test.jsonl"
+eval_num_prompts = 64       # first N held-out prompts (0 = all)
+reward = "shapes"           # "name" or "name:weight,name:weight" (reward.py)
+reward_paths = {}           # local model folders, e.g. {"pickscore": "/models/PickScore_v1"}
+eval_reward = ""            # reward for evaluation; "" = reward
+# E²PO groups
+num_variants = 4            # K: the original prompt + K−1 perturbed variants
+num_seeds = 2               # G: noises per variant (shared across variants, Eq. 8)
+prompts_per_step = 8        # global number of prompt groups per iteration
+anchor = True               # reference-anchored batching: C_orig is a member of the group
+schedule = "noise_aware"    # Eq. 13; "static" = γ ≡ 1
+rho = 0.4                   # perturbation range ρ
+# Phase I: embedding perturbation (Eq. 9-12)
+emb_steps = 300             # T_emb
+emb_lr = 1e-3               # α_emb
+sigma_init = 1e-4
+delta_max = 0.05            # ‖δ‖max
+lambda_div = 50.0
+mu = 0.8                    # anchor target
+anchor_margin = 0.01        # ε
+perturb_encoders = ("clip_l",)
+# sampling
+train_sample_steps = 10
+train_solver = "dpm2m"
+eval_sample_steps = 40
+eval_solver = "euler"
+resolution = 64             # pixels (the shapes world renders 64²; SD3.5 presets 512); 0 = transformer/config.json sample_size × 8
+# LoRA
+lora_rank = 32
+lora_alpha = 64.0
+# optimisation (DiffusionNFT objective)
+learning_rate = 3e-4
+weight_decay = 1e-4
+beta1 = 0.9
+beta2 = 0.999
+adam_eps = 1e-8
+grad_clip = 1.0
+nft_beta = 1.0              # β: v± = v_old ± β(v_θ − v_old)
+kl_beta = 1e-4              # β_kl, KL to the reference (LoRA off)
+adv_clip_max = 5.0          # A_max
+global_std = True           # advantage std over the whole gathered batch (else per group)
+timestep_fraction = 0.99    # train on int(steps·fraction) of the sampler's σ grid per sample
+decay_type = 1              # old adapter: 0 = copy θ, 1 = min(0.001·s, 0.5), 2 = 0 until 75 then min(0.0075·(s−75), 0.999)
+use_ema = True
+ema_decay = 0.9
+max_steps = 60
+# system
+device = ""                 # "" = cuda if available else cpu
+dtype = "float16"           # autocast dtype on GPU: float16 (GradScaler) / bfloat16 / float32; CPU runs float32
+grad_checkpointing = False
+rollout_micro_batch = 8     # samples per sampler forward
+train_micro_batch = 4       # samples per training forward (accumulated to the full batch)
+max_skipped_steps = 10      # abort after this many consecutive non-finite steps
+seed = 42
+# -----------------------------------------------------------------------------
+CONFIG_KEYS = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, list, dict))]
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_WEIGHTS = os.path.join(REPO, "data", "shapes", "sd3_tiny")
+ADV_EPS = 1e-4              # DiffusionNFT: (R − mean) / (std + 1e-4)
+
+
+def config_defaults():
+    """The constants above as a dict (what configurator.configure starts from)."""
+    return {k: globals()[k] for k in CONFIG_KEYS}
+
+
+# -----------------------------------------------------------------------------
+# the objective (pure functions)
+
+def nft_loss(v_theta, v_old, v_ref, x_sigma, x0, sigma, r, beta=1.0, adv_clip_max=5.0, kl_beta=1e-4):
+    """DiffusionNFT's loss (DESIGN.md §5) for one micro-batch at one σ per sample.
+    v_theta carries the gradient; v_old, v_ref (may be None when kl_beta == 0) do not.
+    x_sigma, x0: (B,C,h,w); sigma, r: (B,). Returns (loss, dict of detached terms)."""
+    v_theta, v_old, x_sigma, x0 = v_theta.float(), v_old.float(), x_sigma.float(), x0.float()
+    s = sigma.float().view(-1, *([1] * (x0.ndim - 1)))
+    r = r.float()
+    dims = tuple(range(1, x0.ndim))
+    v_pos = (1 - beta) * v_old + beta * v_theta      # implicit positive policy
+    v_neg = (1 + beta) * v_old - beta * v_theta      # implicit negative policy
+    x_pos = x_sigma - s * v_pos
+    x_neg = x_sigma - s * v_neg
+
+    def normalised_mse(x):  # mean((x − x0)²) / sg(mean|x − x0|), per sample
+        err = x - x0
+        scale = err.detach().abs().mean(dims).clamp(min=1e-5)
+        return (err ** 2).mean(dims) / scale
+
+    loss_pos, loss_neg = normalised_mse(x_pos), normalised_mse(x_neg)
+    policy = ((r * loss_pos + (1 - r) * loss_neg) / beta).mean() * adv_clip_max
+    if v_ref is not None:
+        kl = ((v_theta - v_ref.float()) ** 2).mean()
+    else:
+        kl = torch.zeros((), device=x0.device)
+    loss = policy + kl_beta * kl
+    terms = {"loss": loss.detach(), "policy_loss": policy.detach(), "kl": kl.detach(),
+             "loss_pos": loss_pos.detach().mean(), "loss_neg": loss_neg.detach().mean()}
+    return loss, terms
+
+
+def compute_advantages(rewards, group_ids, global_std=True, adv_clip_max=5.0):
+    """rewards (N,), group_ids (N,) → (clipped advantages A, optimality probability r), float64.
+    A = (R − mean of its group) / (std + 1e-4), std (population) over all N or per group."""
+    rewards = rewards.double()
+    adv = torch.empty_like(rewards)
+    std_all = rewards.std(unbiased=False)
+    for g in torch.unique(group_ids):
+        m = group_ids == g
+        std = std_all if global_std else rewards[m].std(unbiased=False)
+        adv[m] = (rewards[m] - rewards[m].mean()) / (std + ADV_EPS)
+    adv = adv.clamp(-adv_clip_max, adv_clip_max)
+    r = (adv / adv_clip_max / 2 + 0.5).clamp(0, 1)
+    return adv, r
+
+
+def group_stats(rewards, group_ids):
+    """(mean intra-group std, fraction of groups whose rewards are all equal): the paper's Fig. 2."""
+    stds = torch.stack([rewards[group_ids == g].double().std(unbiased=False) for g in torch.unique(group_ids)])
+    return stds.mean().item(), (stds <= 1e-8).double().mean().item()
+
+
+def old_decay(step, decay_type):
+    """DiffusionNFT's decay of the old adapter after `step` optimizer steps: old ← d·old + (1−d)·θ."""
+    flat, rate, hold = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}[decay_type]
+    return 0.0 if step < flat else min((step - flat) * rate, hold)
+
+
+def ema_decay_at(step, decay):
+    """EMA decay with warm-up after `step` optimizer steps: min((1+s)/(10+s), decay)."""
+    return min((1 + step) / (10 + step), decay)
+
+
+@torch.no_grad()
+def lerp_params_(dst, src, d):
+    """dst ← d·dst + (1 − d)·src, parameter by parameter (lists in the same order)."""
+    assert len(dst) == len(src)
+    for a, b in zip(dst, src):
+        assert a.shape == b.shape
+        a.mul_(d).add_(b.to(a.dtype), alpha=1 - d)
+
+
+def num_train_timesteps(cfg):
+    return int(cfg.train_sample_steps * cfg.timestep_fraction)
+
+
+# -----------------------------------------------------------------------------
+# configuration: parsing and validation (all before any model loads)
+
+def parse_reward_spec(spec):
+    """"shapes" → "shapes"; "geneval:0.7,pickscore:0.3" → {"geneval": 0.7, "pickscore": 0.3}."""
+    if ":" not in spec and "," not in spec:
+        return spec.strip()
+    out = {}
+    for part in spec.split(","):
+        name, _, w = part.partition(":")
+        try:
+            out[name.strip()] = float(w) if w else 1.0
+        except ValueError:
+            raise ValueError(f"reward spec {spec!r}: weight {w!r} of {name!r} is not a number") from None
+    return out
+
+
+def resolve_path(path):
+    """A relative path is taken from the working directory, else from the repository."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    alt = os.path.join(REPO, path)
+    return alt if os.path.exists(alt) else path
+
+
+def read_prompts(path):
+    """GenEval-format jsonl (one object with "prompt" per line) or .txt (one prompt per line) →
+    list of metadata dicts, each with "prompt"."""
+    path = resolve_path(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path!r} does not exist")
+    items = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+                    raise ValueError(f"{path}:{n}: each line needs a string field \"prompt\"")
+            else:
+                item = {"prompt": line}
+            if len(item["prompt"].split()) > 60:
+                print(f"warning: {path}:{n}: long prompt; CLIP truncates at 77 tokens", file=sys.stderr)
+            items.append(item)
+    if not items:
+        raise ValueError(f"prompt file {path!r} is empty")
+    return items
+
+
+def native_resolution(weights_path):
+    """transformer/config.json sample_size × the VAE factor (2^(levels−1)), or None."""
+    if not os.path.isdir(weights_path):
+        return None
+    cfg_t = os.path.join(weights_path, "transformer", "config.json")
+    cfg_v = os.path.join(weights_path, "vae", "config.json")
+    if not os.path.isfile(cfg_t):
+        return None
+    with open(cfg_t) as f:
+        size = json.load(f).get("sample_size")
+    factor = 8
+    if os.path.isfile(cfg_v):
+        with open(cfg_v) as f:
+            factor = 2 ** (len(json.load(f).get("block_out_channels", [0] * 4)) - 1)
+    return None if size is None else size * factor
+
+
+def group_size(cfg):
+    """Samples per prompt group: (K with the anchor, K − 1 without) × G."""
+    return (cfg.num_variants if cfg.anchor else cfg.num_variants - 1) * cfg.num_seeds
+
+
+def validate_config(cfg, world_size):
+    """Reject impossible settings with a message naming the key; fill in derived paths. No model loads."""
+    def bad(msg):
+        raise ValueError(f"config: {msg}")
+    for key in ("num_variants", "num_seeds", "prompts_per_step", "train_sample_steps", "eval_sample_steps",
+                "rollout_micro_batch", "train_micro_batch", "lora_rank", "max_skipped_steps"):
+        if getattr(cfg, key) < 1:
+            bad(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.max_steps < 0 or cfg.emb_steps < 0:
+        bad("max_steps and emb_steps must be >= 0")
+    if not cfg.anchor and cfg.num_variants < 2:
+        bad("anchor=False drops C_orig from the group, so it needs num_variants >= 2")
+    n_group = group_size(cfg)
+    if n_group < 2:
+        bad(f"a group of {n_group} sample has no reward variance: raise num_variants or num_seeds")
+    if cfg.prompts_per_step % world_size:
+        bad(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the world size {world_size}")
+    n_local = cfg.prompts_per_step // world_size * n_group
+    if n_local % cfg.train_micro_batch:
+        bad(f"train_micro_batch={cfg.train_micro_batch} does not divide the {n_local} samples per rank "
+            f"(prompts_per_step/world_size × group of {n_group})")
+    if n_group % cfg.rollout_micro_batch and cfg.rollout_micro_batch < n_group:
+        bad(f"rollout_micro_batch={cfg.rollout_micro_batch} does not divide the group of {n_group} samples")
+    if not 0 < cfg.timestep_fraction <= 1 or num_train_timesteps(cfg) < 1:
+        bad(f"timestep_fraction={cfg.timestep_fraction} leaves no training timestep of {cfg.train_sample_steps}")
+    if cfg.dtype not in ("float16", "bfloat16", "float32"):
+        bad(f"dtype must be float16, bfloat16 or float32, got {cfg.dtype!r}")
+    if cfg.schedule not in ("noise_aware", "static"):
+        bad(f"schedule must be noise_aware or static, got {cfg.schedule!r}")
+    for key in ("train_solver", "eval_solver"):
+        if getattr(cfg, key) not in ("euler", "dpm2m", "sde"):
+            bad(f"{key} must be euler, dpm2m or sde, got {getattr(cfg, key)!r}")
+    if cfg.decay_type not in (0, 1, 2):
+        bad(f"decay_type must be 0, 1 or 2, got {cfg.decay_type}")
+    if not 0 < cfg.rho <= 1:
+        bad(f"rho must be in (0, 1], got {cfg.rho}")
+    if cfg.nft_beta <= 0 or cfg.adv_clip_max <= 0:
+        bad("nft_beta and adv_clip_max must be > 0")
+    if not 0 <= cfg.ema_decay < 1:
+        bad(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.resolution and cfg.resolution % 16:
+        bad(f"resolution={cfg.resolution} must be a multiple of 16 (VAE 8× · patch 2)")
+    # files
+    cfg.weights = resolve_path(cfg.weights) or DEFAULT_WEIGHTS
+    if not os.path.exists(cfg.weights):
+        hint = " (build the default world with: python data/shapes/pretrain.py)" if cfg.weights == DEFAULT_WEIGHTS else ""
+        raise FileNotFoundError(f"config: weights {cfg.weights!r} does not exist{hint}")
+    cfg.text_encoders = resolve_path(cfg.text_encoders) or (
+        cfg.weights if os.path.isdir(cfg.weights) else os.path.dirname(cfg.weights))
+    if not os.path.isdir(cfg.text_encoders):
+        raise FileNotFoundError(f"config: text_encoders {cfg.text_encoders!r} is not a pipeline root folder")
+    if not cfg.resolution:
+        cfg.resolution = native_resolution(cfg.weights) or 0
+        if not cfg.resolution:
+            bad(f"resolution=0 but the native size cannot be read from {cfg.weights!r}; set --resolution")
+    import reward as R   # light: the reward models load in build_run
+    for spec_key in ("reward", "eval_reward"):
+        spec = getattr(cfg, spec_key) or cfg.reward
+        for name in R.parse_spec(parse_reward_spec(spec)):
+            for key in R.REQUIRED_PATHS[name]:
+                path = cfg.reward_paths.get(key) or (cfg.reward_paths.get("pickscore_processor")
+                                                     if key == "hpsv2_processor" else None)
+                if not path:
+                    raise FileNotFoundError(f"config: reward {name!r} ({spec_key}) needs reward_paths[{key!r}], "
+                                            f"a local folder/file (see reward.py's docstring for what goes there)")
+    for name, path in cfg.reward_paths.items():
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config: reward_paths[{name!r}] = {path!r} does not exist")
+    cfg.train_items = read_prompts(cfg.train_prompts)
+    cfg.eval_items = read_prompts(cfg.eval_prompts) if cfg.eval_every > 0 else []
+    if cfg.eval_num_prompts:
+        cfg.eval_items = cfg.eval_items[:cfg.eval_num_prompts]
+    if cfg.resume and not os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt")):
+        raise FileNotFoundError(f"config: resume=True but {os.path.join(cfg.out_dir, 'ckpt.pt')} does not exist")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# distributed, randomness, precision
+
+def setup_distributed(cfg):
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE (and MASTER_ADDR/PORT, several nodes included);
+    without them this is one process. nccl on GPU, gloo on CPU."""
+    use_cuda = torch.cuda.is_available() and cfg.device in ("", "cuda")
+    if "RANK" not in os.environ:
+        dev = cfg.device or ("cuda" if use_cuda else "cpu")
+        return SimpleNamespace(ddp=False, rank=0, local_rank=0, world_size=1, master=True, device=torch.device(dev))
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if use_cuda:
+        dev = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device(cfg.device or "cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return SimpleNamespace(ddp=True, rank=rank, local_rank=local_rank, world_size=world,
+                           master=rank == 0, device=dev)
+
+
+def world_size_from_env():
+    return int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_gather_cat(t, world):
+    """Concatenate equally shaped tensors from every rank, in rank order."""
+    if not world.ddp:
+        return t
+    out = [torch.empty_like(t) for _ in range(world.world_size)]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def all_reduce_grads(params, world):
+    """Average the accumulated gradients over ranks, in one flat all-reduce (the only gradient sync)."""
+    if not world.ddp:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world.world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def keyed_seed(*keys):
+    """A 63-bit seed from any tuple of keys (seed, step, tag, index...)."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") & (2 ** 63 - 1)
+
+
+def keyed_generator(*keys):
+    """A CPU generator keyed by (seed, step, tag, index...): draws do not depend on the rank layout."""
+    return torch.Generator().manual_seed(keyed_seed(*keys))
+
+
+def prompts_for_step(cfg, step):
+    """Global prompt indices of one step: consecutive slices of per-epoch keyed permutations."""
+    n = len(cfg.train_items)
+    out = []
+    for i in range(step * cfg.prompts_per_step, (step + 1) * cfg.prompts_per_step):
+        perm = torch.randperm(n, generator=keyed_generator(cfg.seed, "data-epoch", i // n))
+        out.append(int(perm[i % n]))
+    return out
+
+
+def precision(cfg, device):
+    """(autocast context factory, weight dtype, GradScaler). CPU runs float32."""
+    if device.type != "cuda" or cfg.dtype == "float32":
+        if device.type != "cuda" and cfg.dtype != "float32":
+            print0(f"note: dtype={cfg.dtype} applies on GPU; this CPU run computes in float32")
+        return nullcontext, torch.float32, torch.amp.GradScaler("cuda", enabled=False)
+    ptdtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.dtype]
+    ctx = lambda: torch.autocast(device_type="cuda", dtype=ptdtype)
+    return ctx, ptdtype, torch.amp.GradScaler("cuda", enabled=cfg.dtype == "float16")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints (atomic) and RNG state
+
+def atomic_save(obj, path):
+    """torch.save to path.tmp, then os.replace: a crash never leaves a half-written checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    state = {"python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run, step):
+    """Adapters (policy, old, ema), optimizer, scaler, step, per-rank RNG states, config → out_dir/ckpt.pt."""
+    import model as M
+    states = [None] * run.world.world_size
+    if run.world.ddp:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if run.world.master:
+        ckpt = {"step": step, "config": run.cfg_dict, "optimizer": run.optimizer.state_dict(),
+                "scaler": run.scaler.state_dict(), "rng": states, "skipped": run.skipped,
+                "adapters": {a: {k: v.detach().cpu() for k, v in M.lora_state_dict(run.model, a).items()}
+                             for a in run.adapters}}
+        atomic_save(ckpt, os.path.join(run.cfg.out_dir, "ckpt.pt"))
+
+
+def restore_checkpoint(run):
+    """Load everything save_checkpoint wrote; returns the step to continue from."""
+    import model as M
+    ckpt = load_checkpoint(os.path.join(run.cfg.out_dir, "ckpt.pt"))
+    for a, sd in ckpt["adapters"].items():
+        if a not in run.adapters:   # e.g. an "ema" in the checkpoint of a run resumed with use_ema=False
+            continue
+        M.load_lora_state_dict(run.model, {k: v.to(run.world.device) for k, v in sd.items()}, a)
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.skipped = ckpt["skipped"]
+    if len(ckpt["rng"]) == run.world.world_size:
+        set_rng_state(ckpt["rng"][run.world.rank])
+    changed = {k: v for k, v in run.cfg_dict.items() if ckpt["config"].get(k) != v and k not in ("resume", "max_steps")}
+    if changed:
+        print0(f"resume: settings differ from the checkpoint's: {changed}")
+    return ckpt["step"]
+
+
+# -----------------------------------------------------------------------------
+# images and curves (Pillow only)
+
+def to_pil(img):
+    from PIL import Image
+    arr = (img.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def save_grid(images, path, ncols):
+    """images (N,3,H,W) in [0,1] → one PNG, row-major, ncols columns."""
+    from PIL import Image
+    N, _, H, W = images.shape
+    grid = Image.new("RGB", (ncols * W, math.ceil(N / ncols) * H), "white")
+    for i in range(N):
+        grid.paste(to_pil(images[i]), ((i % ncols) * W, (i // ncols) * H))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid.save(path)
+
+
+def plot_curves(rows, path, keys=("reward_mean", "reward_std", "zero_std_ratio", "eval_reward", "policy_loss", "kl")):
+    """One small panel per logged series (x = step), drawn with ImageDraw."""
+    from PIL import Image, ImageDraw
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not keys:
+        return
+    pw, ph, m = 360, 200, 36
+    img = Image.new("RGB", (pw * 2, ph * math.ceil(len(keys) / 2)), "white")
+    draw = ImageDraw.Draw(img)
+    for i, key in enumerate(keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None and math.isfinite(r[key])]
+        ox, oy = (i % 2) * pw, (i // 2) * ph
+        draw.rectangle([ox + m, oy + 20, ox + pw - 10, oy + ph - m], outline="black")
+        draw.text((ox + m, oy + 4), key, fill="black")
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+        sx = lambda x: ox + m + (x - x0) / max(x1 - x0, 1e-12) * (pw - 10 - m)
+        sy = lambda y: oy + ph - m - (y - y0) / max(y1 - y0, 1e-12) * (ph - m - 20)
+        draw.text((ox + 2, oy + 20), f"{y1:.3g}", fill="gray")
+        draw.text((ox + 2, oy + ph - m - 10), f"{y0:.3g}", fill="gray")
+        draw.text((ox + m, oy + ph - m + 4), f"step {x0}", fill="gray")
+        draw.text((ox + pw - 70, oy + ph - m + 4), f"{x1}", fill="gray")
+        coords = [(sx(x), sy(y)) for x, y in pts]
+        if len(coords) > 1:
+            draw.line(coords, fill="blue", width=2)
+        for c in coords:
+            draw.ellipse([c[0] - 2, c[1] - 2, c[0] + 2, c[1] + 2], fill="blue")
+    img.save(path)
+
+
+class Logger:
+    """log.jsonl (+ wandb when asked for and installed), rank 0 only."""
+
+    def __init__(self, cfg, world, resume_step):
+        self.master = world.master
+        self.path = os.path.join(cfg.out_dir, "log.jsonl")
+        self.rows, self.wandb = [], None
+        if not self.master:
+            return
+        if os.path.isfile(self.path) and cfg.resume:   # keep lines before the resume point
+            with open(self.path) as f:
+                self.rows = [r for r in map(json.loads, f) if r["step"] <= resume_step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        if cfg.wandb_log:
+            try:
+                import wandb
+                self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
+                                        config=config_to_json(cfg))
+            except ImportError:
+                print0("wandb_log=True but wandb is not installed: logging to log.jsonl only")
+
+    def log(self, row):
+        if not self.master:
+            return
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["step"])
+
+
+def config_to_json(cfg):
+    return {k: getattr(cfg, k) for k in CONFIG_KEYS}
+
+
+# -----------------------------------------------------------------------------
+# building the run
+
+def build_run(cfg, world):
+    """Load the frozen models, add the policy/old/ema adapters, optimizer and reward functions."""
+    import model as M
+    from model import load_text_encoders
+    import reward as R
+    dev = world.device
+    ctx, wdtype, scaler = precision(cfg, dev)
+    mmdit = M.load_mmdit(cfg.weights, dtype=wdtype, device=dev)
+    vae = M.load_vae(cfg.weights, dtype=wdtype, device=dev)
+    text = load_text_encoders(cfg.text_encoders, dtype=wdtype, device=dev, t5=cfg.use_t5,
+                              max_sequence_length=cfg.max_sequence_length)
+    for module in (mmdit, vae, text):
+        module.requires_grad_(False).eval()
+    M.add_lora(mmdit, rank=cfg.lora_rank, alpha=cfg.lora_alpha, adapter="policy", seed=cfg.seed)
+    adapters = ["policy", "old"] + (["ema"] if cfg.use_ema else [])
+    for a in adapters[1:]:
+        M.copy_adapter(mmdit, "policy", a)
+    for a in adapters:   # LoRA weights stay float32 (GradScaler needs float32 master weights)
+        for p in M.lora_parameters(mmdit, a):
+            p.data = p.data.float()
+            p.requires_grad_(a == "policy")
+    params = M.lora_parameters(mmdit, "policy")
+    if world.ddp:        # identical start on every rank, whatever add_lora's RNG did
+        for a in adapters:
+            for p in M.lora_parameters(mmdit, a):
+                dist.broadcast(p.data, src=0)
+    mmdit.grad_checkpointing = cfg.grad_checkpointing
+    M.set_adapter(mmdit, "policy")
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    rdtype = wdtype if dev.type == "cuda" else None
+    reward_fn = R.build(parse_reward_spec(cfg.reward), paths=cfg.reward_paths, device=dev, dtype=rdtype)
+    eval_fn = reward_fn if not cfg.eval_reward or cfg.eval_reward == cfg.reward else \
+        R.build(parse_reward_spec(cfg.eval_reward), paths=cfg.reward_paths, device=dev, dtype=rdtype)
+    return SimpleNamespace(cfg=cfg, cfg_dict=config_to_json(cfg), world=world, model=mmdit, vae=vae, text=text,
+                           params=params, adapters=adapters, optimizer=optimizer, scaler=scaler, ctx=ctx,
+                           reward_fn=reward_fn, eval_fn=eval_fn, skipped=0,
+                           executor=ThreadPoolExecutor(max_workers=1))
+
+
+# -----------------------------------------------------------------------------
+# one iteration, phase by phase
+
+def local_prompts(run, step):
+    """(global prompt-slot indices, metadata dicts) of this rank's share of the step's prompts."""
+    cfg, world = run.cfg, run.world
+    per_rank = cfg.prompts_per_step // world.world_size
+    chosen = prompts_for_step(cfg, step)
+    slots = list(range(world.rank * per_rank, (world.rank + 1) * per_rank))
+    return slots, [cfg.train_items[chosen[s]] for s in slots]
+
+
+def learn_deltas(run, step, items):
+    """Phase I for this rank's prompts → Perturbed (P_local, K, ...). perturb.py seeds Δ's init by
+    (seed, prompt), so a prompt gets the same Δ whatever batch or rank it is in; the seed changes per step."""
+    import perturb
+    cfg = run.cfg
+    return perturb.learn_perturbations(
+        run.text, [it["prompt"] for it in items], num_variants=cfg.num_variants, steps=cfg.emb_steps,
+        lr=cfg.emb_lr, sigma_init=cfg.sigma_init, delta_max=cfg.delta_max, lambda_div=cfg.lambda_div, mu=cfg.mu,
+        eps=cfg.anchor_margin, encoders=tuple(cfg.perturb_encoders), seed=keyed_seed(cfg.seed, step, "delta") % 2 ** 31)
+
+
+def perturb_stats(perturbed, world):
+    """Phase I diagnostics averaged over all prompts of the step: mean pairwise cos of the variants (L_div)
+    and mean cos to the anchor (target μ). Empty for K = 1 (no perturbation)."""
+    st = perturbed.stats
+    if "mean_pairwise_cos" not in st:
+        return {}
+    local = torch.stack([st["mean_pairwise_cos"].float().mean(), st["cos_to_anchor"].float().mean()]).to(world.device)
+    if world.ddp:
+        dist.all_reduce(local)
+        local /= world.world_size
+    return {"mean_pairwise_cos": local[0].item(), "cos_to_anchor": local[1].item()}
+
+
+def score(reward_fn, images, prompts, metadata):
+    """Runs in the reward thread: {name: float32 CPU tensor (N,)} and the seconds it took."""
+    t0 = time.time()
+    with torch.no_grad():
+        out = reward_fn(images, prompts, metadata)
+    return {k: torch.as_tensor(v, dtype=torch.float32).detach().reshape(-1).cpu() for k, v in out.items()}, time.time() - t0
+
+
+def rollout(run, step, slots, items, perturbed):
+    """Group rollouts with the old adapter, prompt by prompt; each group's reward is computed in the
+    background while the next group samples. Returns (groups, rewards dict of (N_local,), reward seconds)."""
+    import sample
+    cfg = run.cfg
+    lat = cfg.resolution // 8
+    groups, futures = [], []
+    for i, (slot, item) in enumerate(zip(slots, items)):
+        one = SimpleNamespace(context=perturbed.context[i:i + 1], pooled=perturbed.pooled[i:i + 1])
+        with run.ctx(), torch.no_grad():
+            group = sample.sample_groups(
+                run.model, run.vae, one, cfg.num_seeds, num_steps=cfg.train_sample_steps, solver=cfg.train_solver,
+                rho=cfg.rho, schedule=cfg.schedule, anchor=cfg.anchor, micro_batch=cfg.rollout_micro_batch,
+                latent_size=(lat, lat), generator=keyed_generator(cfg.seed, step, "rollout", slot),
+                adapter="old", decode=True)
+        n = len(group.latents)
+        futures.append(run.executor.submit(score, run.reward_fn, group.images, [item["prompt"]] * n, [item] * n))
+        groups.append(group)
+    results = [f.result() for f in futures]
+    rewards = {k: torch.cat([r[0][k] for r in results]) for k in results[0][0]}
+    for g in groups[1:]:     # keep the first group's images for the grid; training needs latents only
+        g.images = None
+    return groups, rewards, sum(r[1] for r in results)
+
+
+def advantages(run, rewards):
+    """Gather every rank's rewards (global sample order = rank-major), form groups by prompt slot,
+    return (this rank's r (N_local,), log stats)."""
+    cfg, world = run.cfg, run.world
+    names = sorted(rewards)
+    local = torch.stack([rewards[k] for k in names], 1).to(world.device)   # (N_local, n_rewards)
+    gathered = all_gather_cat(local, world).cpu().double()
+    avg = gathered[:, names.index("avg")]
+    n_group = group_size(cfg)
+    group_ids = torch.arange(len(avg)) // n_group
+    adv, r = compute_advantages(avg, group_ids, cfg.global_std, cfg.adv_clip_max)
+    std_mean, zero_ratio = group_stats(avg, group_ids)
+    n_local = len(local)
+    stats = {"reward_mean": avg.mean().item(), "reward_std": std_mean, "zero_std_ratio": zero_ratio,
+             "adv_abs_mean": adv.abs().mean().item()}
+    stats.update({f"reward_{k}": gathered[:, i].mean().item() for i, k in enumerate(names) if k != "avg"})
+    if cfg.anchor and cfg.num_variants > 1 and cfg.num_seeds > 1:  # spread of the anchor alone (what K=1 sees)
+        keep = (torch.arange(len(avg)) % n_group) < cfg.num_seeds    # group order: variant-major, k = 0 first
+        stats["reward_std_anchor"] = group_stats(avg[keep], group_ids[keep])[0]
+    return r[world.rank * n_local:(world.rank + 1) * n_local].float(), stats
+
+
+@torch.no_grad()
+def frozen_velocities(run, x, sigma, context, pooled, with_ref):
+    """(v_old, v_ref or None), no grad, in chunks of rollout_micro_batch samples. With the reference, each chunk is
+    one forward of the doubled batch under adapters ("old", None): MMDiT rows are independent, so this is exact."""
+    import model as M
+    bs, adapters = run.cfg.rollout_micro_batch, ("old", None) if with_ref else "old"
+    n = 2 if with_ref else 1
+    out = []
+    with run.ctx(), M.use_adapter(run.model, adapters):
+        for a in range(0, len(x), bs):
+            args = [t[a:a + bs].repeat(n, *([1] * (t.ndim - 1))) for t in (x, sigma, context, pooled)]
+            out.append(run.model(*args).float().unflatten(0, (n, -1)))
+    v = torch.cat(out, dim=1)
+    return v[0], (v[1] if with_ref else None)
+
+
+def nft_update(run, step, groups, perturbed, slots, r):
+    """One optimizer step of the NFT objective on this rank's samples, conditioned on C_orig only.
+    Returns log terms (averaged over ranks), grad norm and whether the step was skipped."""
+    import model as M
+    import sample
+    cfg, world, dev, model = run.cfg, run.world, run.world.device, run.model
+    x0_all = torch.cat([g.latents for g in groups]).float()
+    context, pooled = perturbed.context[:, 0], perturbed.pooled[:, 0]   # C_orig (P_local, S, 4096), (P_local, 2048)
+    prompt_of = torch.cat([torch.full((len(g.latents),), i, dtype=torch.long) for i, g in enumerate(groups)])
+    sample_ids = torch.cat([torch.arange(len(g.latents)) + slot * group_size(cfg) for g, slot in zip(groups, slots)])
+    sigmas = sample.sigma_schedule(cfg.train_sample_steps)[:-1]    # the sampler's own grid, σ > 0
+    n_t, mb = num_train_timesteps(cfg), cfg.train_micro_batch
+    n_micro = len(x0_all) // mb * n_t
+    sums = {}
+    model.train()
+    for start in range(0, len(x0_all), mb):
+        idx = torch.arange(start, start + mb)
+        x0 = x0_all[idx].to(dev)
+        ctx_b, pool_b, r_b = context[prompt_of[idx]].to(dev), pooled[prompt_of[idx]].to(dev), r[idx].to(dev)
+        # each sample: its own random n_t of the grid and fresh ε per timestep (keyed: same on any rank layout)
+        gens = [keyed_generator(cfg.seed, step, "nft", int(i)) for i in sample_ids[idx]]
+        perms = torch.stack([torch.randperm(len(sigmas), generator=g)[:n_t] for g in gens])   # (mb, n_t)
+        sigma = sigmas[perms.T].to(dev)                                                       # (n_t, mb)
+        eps = torch.stack([torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+                           for _ in range(n_t)]).to(dev)                                      # (n_t, mb, C, h, w)
+        s = sigma.view(n_t, mb, 1, 1, 1)
+        x_sigma = (1 - s) * x0 + s * eps
+        # the no-grad forwards of all n_t timesteps at once (old policy; reference = LoRA off)
+        flat = lambda t: t.flatten(0, 1)
+        rep = lambda t: t.repeat(n_t, *([1] * (t.ndim - 1)))
+        v_old, v_ref = frozen_velocities(run, flat(x_sigma), flat(sigma), rep(ctx_b), rep(pool_b), cfg.kl_beta > 0)
+        v_old, v_ref = v_old.view_as(x_sigma), None if v_ref is None else v_ref.view_as(x_sigma)
+        for j in range(n_t):
+            with run.ctx(), M.use_adapter(model, "policy"):
+                v_theta = model(x_sigma[j], sigma[j], ctx_b, pool_b)
+            loss, terms = nft_loss(v_theta, v_old[j], None if v_ref is None else v_ref[j], x_sigma[j], x0,
+                                   sigma[j], r_b, cfg.nft_beta, cfg.adv_clip_max, cfg.kl_beta)
+            run.scaler.scale(loss / n_micro).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.float() / n_micro
+    model.eval()
+    all_reduce_grads(run.params, world)
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    skipped = not torch.isfinite(grad_norm).item()
+    if not skipped:
+        run.scaler.step(run.optimizer)   # (also skips by itself if the scaler found an inf)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    terms = torch.stack([sums[k] for k in sorted(sums)]).to(dev)
+    if world.ddp:
+        dist.all_reduce(terms)
+        terms /= world.world_size
+    out = {k: v.item() for k, v in zip(sorted(sums), terms)}
+    out.update(grad_norm=grad_norm.item(), skipped=skipped)
+    return out
+
+
+@torch.no_grad()
+def update_old_and_ema(run, num_updates):
+    """old ← d·old + (1−d)·θ (decay_type schedule); ema ← d'·ema + (1−d')·θ (warm-up)."""
+    import model as M
+    d = old_decay(num_updates, run.cfg.decay_type)
+    lerp_params_(M.lora_parameters(run.model, "old"), run.params, d)
+    if run.cfg.use_ema:
+        lerp_params_(M.lora_parameters(run.model, "ema"), run.params, ema_decay_at(num_updates, run.cfg.ema_decay))
+    return d
+
+
+@torch.no_grad()
+def evaluate(run, adapter):
+    """Held-out prompts, Euler eval_sample_steps, with `adapter`; fixed keyed noise per prompt so every
+    evaluation sees the same noise. Returns ({name: mean}, this rank's first images)."""
+    import model as M
+    import sample
+    cfg, world, dev = run.cfg, run.world, run.world.device
+    lat = cfg.resolution // 8
+    mine = list(range(world.rank, len(cfg.eval_items), world.world_size))
+    scores, images_kept = [], []
+    for a in range(0, len(mine), cfg.rollout_micro_batch):
+        ids = mine[a:a + cfg.rollout_micro_batch]
+        items = [cfg.eval_items[i] for i in ids]
+        prompts = [it["prompt"] for it in items]
+        context, pooled = run.text.encode(prompts)
+        noise = torch.stack([torch.randn((16, lat, lat), generator=keyed_generator(cfg.seed, "eval", i)) for i in ids])
+        with run.ctx(), M.use_adapter(run.model, adapter):
+            x0 = sample.sample(run.model, noise.to(dev), context.to(dev), pooled.to(dev),
+                               num_steps=cfg.eval_sample_steps, solver=cfg.eval_solver)
+            images = run.vae.decode(x0).float()
+        out, _ = score(run.eval_fn, images, prompts, items)
+        scores.append(out)
+        if sum(len(x) for x in images_kept) < cfg.grid_prompts:
+            images_kept.append(images.cpu())
+    local = {k: torch.cat([s[k] for s in scores]).tolist() for k in scores[0]} if scores else {}
+    gathered = [local]
+    if world.ddp:
+        gathered = [None] * world.world_size
+        dist.all_gather_object(gathered, local)
+    keys = sorted({k for g in gathered for k in g})
+    means = {k: float(np.mean([v for g in gathered for v in g.get(k, [])])) for k in keys}
+    kept = torch.cat(images_kept)[:cfg.grid_prompts] if images_kept else None
+    return means, kept
+
+
+def run_eval(run, step, tag=None):
+    adapter = "ema" if run.cfg.use_ema else "policy"
+    means, images = evaluate(run, adapter)
+    if run.world.master and images is not None:
+        save_grid(images, os.path.join(run.cfg.out_dir, "samples", tag or f"step_{step:06d}.png"),
+                  ncols=min(len(images), 8))
+    return means
+
+
+def save_group_grid(run, step, group):
+    """One rollout group: rows = variants (row 0 = the original prompt), columns = seeds."""
+    order = torch.argsort(group.variant * run.cfg.num_seeds + group.seed_idx)
+    save_grid(group.images[order], os.path.join(run.cfg.out_dir, "groups", f"step_{step:06d}.png"),
+              ncols=run.cfg.num_seeds)
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+def train(cfg_dict):
+    """Run training with the given settings (a dict of the keys above). Returns the run namespace."""
+    cfg = SimpleNamespace(**{**config_defaults(), **cfg_dict})
+    world_size = world_size_from_env()
+    validate_config(cfg, world_size)
+    world = setup_distributed(cfg)
+    if world.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print(json.dumps(config_to_json(cfg), indent=1))
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(config_to_json(cfg), f, indent=1)
+    random.seed(cfg.seed + world.rank)
+    np.random.seed(cfg.seed + world.rank)
+    torch.manual_seed(cfg.seed + world.rank)
+
+    run = build_run(cfg, world)
+    start = restore_checkpoint(run) if cfg.resume else 0
+    logger = Logger(cfg, world, start)
+    n_global = cfg.prompts_per_step * group_size(cfg)
+    print0(f"world {world.world_size} · {cfg.prompts_per_step} prompts × K={cfg.num_variants} × G={cfg.num_seeds} "
+           f"= {n_global} samples/step · {n_global // world.world_size // cfg.train_micro_batch} micro-batches × "
+           f"{num_train_timesteps(cfg)} timesteps per rank")
+
+    if cfg.eval_every > 0 and start == 0:
+        means = run_eval(run, 0, "before.png")
+        logger.log({"step": 0, **{f"eval_{k}" if k != "avg" else "eval_reward": v for k, v in means.items()}})
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not world.master, desc="e2po")
+    for step in bar:
+        row = {"step": step + 1}
+        t0 = time.time()
+        slots, items = local_prompts(run, step)
+        perturbed = learn_deltas(run, step, items)
+        sync(world.device); t1 = time.time()
+        groups, rewards, reward_s = rollout(run, step, slots, items, perturbed)
+        sync(world.device); t2 = time.time()
+        r, stats = advantages(run, rewards)
+        terms = nft_update(run, step, groups, perturbed, slots, r)
+        sync(world.device); t3 = time.time()
+        decay = update_old_and_ema(run, step + 1)
+        run.skipped = run.skipped + 1 if terms["skipped"] else 0
+        if run.skipped > cfg.max_skipped_steps:
+            raise RuntimeError(f"{run.skipped} consecutive steps had a non-finite loss or gradient "
+                               f"(last grad norm {terms['grad_norm']}); lower learning_rate or try dtype='bfloat16'")
+        row.update(stats, **terms, lr=run.optimizer.param_groups[0]["lr"], old_decay=decay,
+                   images_per_s=n_global / max(t2 - t1, 1e-9), time_delta=t1 - t0, time_rollout=t2 - t1,
+                   time_reward=reward_s, time_update=t3 - t2)
+        row.update(perturb_stats(perturbed, world))
+        if world.master and cfg.log_images_every and (step + 1) % cfg.log_images_every == 0 and groups[0].images is not None:
+            save_group_grid(run, step + 1, groups[0])
+        del groups, perturbed
+        last = step + 1 == cfg.max_steps
+        if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last):
+            means = run_eval(run, step + 1, "after.png" if last else None)
+            row.update({f"eval_{k}" if k != "avg" else "eval_reward": v for k, v in means.items()})
+        logger.log(row)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", std=f"{row['reward_std']:.3f}", loss=f"{row['loss']:.4f}")
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:
+            save_checkpoint(run, step + 1)
+    finish(run, logger)
+    return run
+
+
+def finish(run, logger):
+    """Final LoRA files (diffusers-loadable), curves, and the before → after summary line."""
+    import model as M
+    cfg = run.cfg
+    run.executor.shutdown()
+    if run.world.master:
+        M.save_lora(run.model, os.path.join(cfg.out_dir, "lora_policy.safetensors"), adapter="policy")
+        if cfg.use_ema:
+            M.save_lora(run.model, os.path.join(cfg.out_dir, "lora_ema.safetensors"), adapter="ema")
+        plot_curves(logger.rows, os.path.join(cfg.out_dir, "curves.png"))
+        evals = [r for r in logger.rows if "eval_reward" in r]
+        if len(evals) > 1 and evals[0]["step"] == 0:
+            before, after = evals[0], evals[-1]
+            line = f"test {cfg.eval_reward or cfg.reward} score (EMA, {len(cfg.eval_items)} prompts) " \
+                   f"before → after: {before['eval_reward']:.4f} → {after['eval_reward']:.4f}"
+            for k in (k for k in before if "strict" in k):
+                line += f" · {k[5:]} {before[k]:.4f} → {after.get(k, float('nan')):.4f}"
+            print(line)
+    if run.world.ddp:
+        dist.barrier()
+
+
+def main(argv):
+    from configurator import configure
+    cfg = configure(config_defaults(), argv)
+    run = train(cfg)
+    if run.world.ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
