@@ -394,21 +394,23 @@ def _blobs(img: np.ndarray) -> list[dict]:
 
 
 def _classify(blob: dict, templates: np.ndarray):
-    """(shape, colour, confidence) of one blob. Confidence = product of shape, aspect and colour terms."""
+    """(shape, colour, confidence) of one blob. Confidence = product of shape, aspect and colour terms, each
+    falling off smoothly (not clipped to zero), so an almost-right blob from a half-trained model still gets
+    partial credit: RL needs a reward that grades quality, not only a pass/fail on clean renders."""
     dists = np.abs(templates - blob["feature"]).mean(axis=(1, 2))
     order = np.argsort(dists)
     d1, d2 = float(dists[order[0]]), float(dists[order[1]])
-    shape_fit = np.clip(1.0 - (d1 - 0.08) / 0.10, 0, 1)          # clean renders: d1 < 0.08
-    shape_margin = np.clip((d2 - d1) / max(d2, 1e-6) / 0.5, 0, 1)   # nearest template clearly closer
+    shape_fit = np.exp(-max(d1 - 0.08, 0.0) / 0.10)                 # clean renders: d1 < 0.08
+    shape_margin = np.sqrt(np.clip((d2 - d1) / max(d2, 1e-6) / 0.5, 0, 1))   # nearest template clearly closer
     x0, y0, x1, y1 = blob["box"]
     aspect = abs(np.log((x1 - x0) / (y1 - y0)))                      # every shape is drawn upright in a square
-    aspect_ok = np.clip(1.0 - (aspect - 0.2) / 0.3, 0, 1)
+    aspect_ok = np.exp(-max(aspect - 0.2, 0.0) / 0.3)
     cd = np.linalg.norm(_PALETTE - blob["color_rgb"], axis=1)
     corder = np.argsort(cd)
     c1, c2 = float(cd[corder[0]]), float(cd[corder[1]])
-    color_margin = np.clip((c2 - c1) / max(c2, 1e-6) / 0.7, 0, 1)
+    color_margin = np.sqrt(np.clip((c2 - c1) / max(c2, 1e-6) / 0.7, 0, 1))
     pix_nearest = np.argmin(np.linalg.norm(blob["core_pixels"][:, None] - _PALETTE[None], axis=-1), axis=1)
-    color_purity = np.clip((np.mean(pix_nearest == corder[0]) - 0.5) / 0.4, 0, 1)
+    color_purity = np.clip((np.mean(pix_nearest == corder[0]) - 0.3) / 0.6, 0, 1)
     score = float(shape_fit * shape_margin * aspect_ok * color_margin * color_purity)
     return SHAPES[order[0]], _PALETTE_NAMES[corder[0]], score
 
