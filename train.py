@@ -102,7 +102,8 @@ rho = 0.4                   # perturbation range ρ
 emb_steps = 300             # T_emb
 emb_lr = 1e-3               # α_emb
 sigma_init = 1e-4
-delta_max = 0.05            # ‖δ‖max
+delta_max = 0.025           # ‖δ‖max (paper 0.05 for SD3.5's CLIP-L; the world's tiny CLIP has ~3x smaller
+                            # token norms, and 0.025 puts its variants near cos μ to the anchor)
 lambda_div = 50.0
 mu = 0.8                    # anchor target
 anchor_margin = 0.01        # ε

@@ -11,6 +11,7 @@ eval_num_prompts = 0
 reward = "geneval"
 reward_paths = {}
 resolution = 512
+delta_max = 0.05                          # ‖δ‖max, Table 3 (the world's default is scaled to its tiny CLIP)
 num_variants = 4
 num_seeds = 2
 prompts_per_step = 48                     # 6 per GPU on 8 GPUs

@@ -10,6 +10,7 @@ eval_num_prompts = 0
 reward = "geneval"
 reward_paths = {}
 resolution = 512
+delta_max = 0.05                          # ‖δ‖max, Table 3 (the world's default is scaled to its tiny CLIP)
 num_variants = 1
 num_seeds = 24
 prompts_per_step = 48                     # DiffusionNFT: 48 groups × 24 per epoch

@@ -11,6 +11,7 @@ eval_num_prompts = 0
 reward = "pickscore"
 reward_paths = {}
 resolution = 512
+delta_max = 0.05                          # ‖δ‖max, Table 3 (the world's default is scaled to its tiny CLIP)
 num_variants = 3
 num_seeds = 8
 prompts_per_step = 48

@@ -9,6 +9,7 @@ eval_num_prompts = 64
 reward = "shapes"                         # GenEval scoring with the world's numpy detector
 reward_paths = {}
 resolution = 64                           # the world renders 64² images (data/shapes/world.py SIZE)
+delta_max = 0.025                         # ‖δ‖max scaled to the tiny CLIP (paper: 0.05)
 num_variants = 4                          # K
 num_seeds = 2                             # G
 prompts_per_step = 8
