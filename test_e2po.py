@@ -2325,6 +2325,23 @@ def test_e2e_two_iterations(tiny_root, tmp_path, fake_reward):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_default_world_runs_from_the_shipped_model(tmp_path):
+    """`python train.py` as shipped (the pretrained world in data/shapes/sd3_tiny, the real shapes reward),
+    shrunk to two short iterations: the real loaders, Δ, rollouts, detector, update and outputs all run."""
+    assert os.path.isfile(os.path.join(train.DEFAULT_WEIGHTS, "transformer", "config.json")), \
+        "data/shapes/sd3_tiny is missing: run python data/shapes/pretrain.py"
+    train.train(dict(out_dir=str(tmp_path), max_steps=2, prompts_per_step=2, emb_steps=5, eval_every=2,
+                     eval_num_prompts=4, eval_sample_steps=4, log_images_every=1, save_every=0))
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for key in ("reward_mean", "reward_std", "zero_std_ratio", "loss", "kl", "grad_norm", "mean_pairwise_cos"):
+        assert math.isfinite(rows[1][key]), key
+    assert 0 <= rows[1]["reward_mean"] <= 1 and 0 <= rows[1]["zero_std_ratio"] <= 1
+    assert 0 <= rows[2]["eval_reward"] <= 1 and 0 <= rows[2]["eval_shapes_strict"] <= 1
+    for f in ("ckpt.pt", "lora_policy.safetensors", "curves.png", "samples/before.png", "samples/after.png"):
+        assert (tmp_path / f).is_file(), f
+
+
 def test_e2e_only_policy_gets_gradients(tiny_root, tmp_path, fake_reward):
     import model
     cfg = train.validate_config(train.SimpleNamespace(**tiny_config(tiny_root, tmp_path, kl_beta=0.1)), 1)
