@@ -36,7 +36,7 @@ CPU runs use 1 torch thread unless --threads says otherwise: on shared cores mor
 every timing ~3x slower and noisy here. SD3.5-M on CPU runs in bfloat16 by default (this CPU's bf16 matmuls are ~5x
 its fp32 ones, and one bf16 copy of the weights is 4.4 GiB), batch 1, 512², context 77 + 256 tokens: ~11 s a forward.
 On CUDA: fp16 weights, LoRA in fp32 under fp16 autocast (as train.py), model FLOPs utilisation from an analytic FLOP
-count (every matmul + QKᵀ and AV; equal to torch's FlopCounterMode, see tests_bench.py; the backward of the frozen
+count (every matmul + QKᵀ and AV; equal to torch's FlopCounterMode, see test_e2po.py; the backward of the frozen
 base counted as one forward, since no weight gradients are taken) and torch.cuda.max_memory_allocated per side.
 The default size feeds random (context 24 = 16 CLIP + 8 T5 tokens, pooled) inputs, as the world's model sees them.
 """
@@ -104,30 +104,14 @@ def import_project(model_path=None):
 
 
 def text_stack():
-    try:
-        from model import TextEncoders, load_text_encoders
-    except ImportError:  # drafted in model_text.py until the lead merges it into model.py
-        from model_text import TextEncoders, load_text_encoders
+    from model import TextEncoders, load_text_encoders
     return TextEncoders, load_text_encoders
 
 
 def nft_loss_fn():
-    """train.nft_loss when train.py is importable; otherwise the same formula (DESIGN.md §5)."""
-    try:
-        from train import nft_loss
-        return lambda *a: nft_loss(*a)[0]
-    except Exception:
-        def nft_loss(v_theta, v_old, v_ref, x_sigma, x0, sigma, r, beta=1.0, adv_clip_max=5.0, kl_beta=1e-4):
-            s, dims = sigma.float().view(-1, 1, 1, 1), (1, 2, 3)
-            v_theta, v_old = v_theta.float(), v_old.float()
-            def nmse(x):
-                err = x - x0
-                return (err ** 2).mean(dims) / err.detach().abs().mean(dims).clamp(min=1e-5)
-            lp = nmse(x_sigma - s * ((1 - beta) * v_old + beta * v_theta))
-            ln = nmse(x_sigma - s * ((1 + beta) * v_old - beta * v_theta))
-            policy = ((r * lp + (1 - r) * ln) / beta).mean() * adv_clip_max
-            return policy + kl_beta * ((v_theta - v_ref.float()) ** 2).mean()
-        return nft_loss
+    """train.nft_loss, the objective itself (its loss value only)."""
+    from train import nft_loss
+    return lambda *a: nft_loss(*a)[0]
 
 # ----------------------------------------------------------------------------------------------------------------
 # timing

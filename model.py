@@ -30,7 +30,7 @@ wrapper) to the LoRA functions so layer names carry no "module." prefix.
 
 Module attribute names are the original single-file keys (Stability-AI's mmditx.py / ldm VAE), so loading that
 layout is a prefix strip; the diffusers layout goes through `mmdit_to_diffusers` / `vae_to_diffusers` and their
-inverses. Tests: `python -m pytest -q tests_model.py` (parity with diffusers on tiny random weights).
+inverses. Tests: `python -m pytest -q test_e2po.py -k "mmdit or vae or lora"` (parity with diffusers on tiny random weights).
 
 Where this departs from the references:
 - MMDiT.forward takes sigma in [0,1] (diffusers takes timestep = 1000*sigma) and casts its inputs to the weights'

@@ -35,7 +35,7 @@ Where this departs from / adds to the paper:
 - Note on Table 3: Eq. 12 is an L1 penalty of slope 1 per variant, while for variants spread evenly around the anchor
   at cosine μ, λ_div·∂L_div/∂cos(e_k, e_anc) ≈ λ_div·2μ/(K−2) (8 for λ_div = 50, K = 12). So the diversity term
   wins and variants go below μ−ε until ‖δ‖max binds: with Table 3's settings the norm bound, not L_anc, is what
-  keeps them near the anchor. λ_div < (K−2)/(2μ) makes the band the optimum (tests_perturb.py checks that regime).
+  keeps them near the anchor. λ_div < (K−2)/(2μ) makes the band the optimum (test_e2po.py checks that regime).
 - cache (PerturbationCache) reuses Δ across epochs. Trade-off: the encoders are frozen, so Δ is a deterministic
   function of (prompt, seed, settings); with a fixed seed, relearning every iteration (Algorithm 1, the default here:
   cache=None) recomputes the same Δ, and the cache only saves Phase I's cost. Fresh variants per epoch (the paper's

@@ -348,13 +348,7 @@ def _load_model_lib():
 
 
 def _load_text_encoders(path, dtype, device):
-    """model.load_text_encoders once the text stack is merged; model_text.py before that."""
-    model_lib = _load_model_lib()
-    fn = getattr(model_lib, "load_text_encoders", None)
-    if fn is None:
-        import model_text
-        fn = model_text.load_text_encoders
-    return fn(path, dtype=dtype, device=device)      # no T5 weights there: a zero T5 part
+    return _load_model_lib().load_text_encoders(path, dtype=dtype, device=device)   # no T5 there: a zero T5 part
 
 
 def _native_size(weights):
