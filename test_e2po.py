@@ -7,7 +7,6 @@ CLIP/T5); everything else is tested by properties that could fail and by numbers
 Speed and memory are measured by bench.py, never here.
 """
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -1078,15 +1077,6 @@ def test_group_decodes():
     assert S.sample_groups(GaussianFlow(), _ToyVAE(), pert, 2, num_steps=3, latent_size=(4, 4), decode=False).images is None
 
 
-def _model_lib():
-    try:
-        import model
-        model.load_mmdit, model.add_lora, model.use_adapter
-        return model
-    except (ImportError, AttributeError):
-        return None
-
-
 TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
                 joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=24, out_channels=16,
                 pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
@@ -1129,9 +1119,7 @@ def test_euler_equals_diffusers_sd3_pipeline(tmp_path):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
 
 
-@pytest.mark.skipif(_model_lib() is None, reason="model.py (load_mmdit / add_lora / use_adapter) not available yet")
 def test_euler_with_load_mmdit_equals_diffusers_sd3_pipeline(tmp_path):
-    model = _model_lib()
     pipe, tr = _tiny_pipeline(tmp_path)
     mmdit = model.load_mmdit(tmp_path / "transformer")
     noise, ctx, pol = _data(2, S_=5, D=32, Dp=24, hw=8)
@@ -1142,9 +1130,7 @@ def test_euler_with_load_mmdit_equals_diffusers_sd3_pipeline(tmp_path):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.skipif(_model_lib() is None, reason="model.py (load_mmdit / add_lora / use_adapter) not available yet")
 def test_group_sampling_uses_the_named_adapter(tmp_path):
-    model = _model_lib()
     _, _ = _tiny_pipeline(tmp_path)
     mmdit = model.load_mmdit(tmp_path / "transformer")
     model.add_lora(mmdit, rank=2, alpha=4, adapter="old", seed=0)
@@ -1172,7 +1158,6 @@ def _tiny_root(root):
     """A random tiny SD3 pipeline root (transformer/, vae/, text_encoder{,_2}/, tokenizer{,_2}/) for the CLI."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
     from data.shapes import world
-    model = _model_lib()
     torch.manual_seed(0)
     world.write_clip_tokenizer(root / "tokenizer")
     world.write_clip_tokenizer(root / "tokenizer_2", pad_token="!")
@@ -1191,14 +1176,9 @@ def _tiny_root(root):
     model.save_diffusers(model.VAE(block_out_channels=(32, 32), latent_channels=16), root / "vae")
 
 
-@pytest.mark.skipif(_model_lib() is None or importlib.util.find_spec("perturb") is None,
-                    reason="model.py / perturb.py not available yet")
 def test_cli_writes_images(tmp_path):
     from PIL import Image
-    try:
-        _tiny_root(tmp_path / "root")
-    except (ImportError, AttributeError) as e:
-        pytest.skip(f"cannot build a tiny pipeline root here: {e}")
+    _tiny_root(tmp_path / "root")
     out = tmp_path / "out"
     S.main(["--prompt", "a red circle", "--weights", str(tmp_path / "root"), "--num_images", "2", "--steps", "3",
             "--num_variants", "2", "--out", str(out), "--solver", "dpm2m"])
@@ -1212,10 +1192,8 @@ def test_cli_writes_images(tmp_path):
         S.main(["--prompt", "  ", "--weights", str(tmp_path / "root")])
 
 
-@pytest.mark.skipif(_model_lib() is None, reason="model.py not available yet")
 def test_caller_autocast(tmp_path):
     """The sampler runs inside the caller's autocast: float32 latents out, close to the float32 run."""
-    model = _model_lib()
     _tiny_pipeline(tmp_path)
     mmdit = model.load_mmdit(tmp_path / "transformer")
     g = torch.Generator().manual_seed(1)
@@ -1621,8 +1599,7 @@ def test_shapes_reward_uses_world_detector(monkeypatch):
 
 
 def test_shapes_reward_on_rendered_world():
-    """The real shapes world (if present): its own renders score 1; mismatched metadata scores lower."""
-    world = pytest.importorskip("data.shapes.world")
+    """The real shapes world: its own renders score 1; mismatched metadata scores lower."""
     metas = world.load_prompts("test")[:12]
     images = world.render_batch(metas, seed=0)
     fn = reward.build("shapes")
@@ -1869,14 +1846,10 @@ def test_detector_positions_follow_geneval_rule():
 
 
 def test_geneval_score_strict_on_renders():
-    reward = pytest.importorskip("reward")
     rng = np.random.default_rng(3)
     metas = sample_metas(120, seed=3)
     images = world.render_batch(metas, seed=rng)
-    try:
-        scored = [reward.geneval_score(ds, m) for ds, m in zip(world.detect(images), metas)]
-    except NotImplementedError:
-        pytest.skip("reward.geneval_score not implemented yet")
+    scored = [reward.geneval_score(ds, m) for ds, m in zip(world.detect(images), metas)]
     strict = np.mean([s for _, s in scored])
     partial = np.mean([p for p, _ in scored])
     print(f"GenEval on renders: strict {strict:.3f}, partial {partial:.3f}")
@@ -1891,9 +1864,6 @@ def test_geneval_score_strict_on_renders():
 
 def test_shapes_reward_end_to_end():
     """reward.build("shapes") on renders: right metadata scores ~1, metadata of other prompts scores lower."""
-    reward = pytest.importorskip("reward")
-    if not hasattr(reward, "build"):
-        pytest.skip("reward.build not available yet")
     fn = reward.build("shapes")
     metas = sample_metas(48, seed=9)
     images = world.render_batch(metas, seed=9)
@@ -2277,7 +2247,6 @@ if run.world.ddp:
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
-    pytest.importorskip("model")
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd3_tiny")
 
 
