@@ -118,7 +118,7 @@ resolution = 64             # pixels (the shapes world renders 64²; SD3.5 prese
 lora_rank = 32
 lora_alpha = 64.0
 # optimisation (DiffusionNFT objective)
-learning_rate = 3e-4
+learning_rate = 2e-3        # the world: 40 steps must move the policy (paper, SD3.5 presets: 3e-4)
 weight_decay = 1e-4
 beta1 = 0.9
 beta2 = 0.999
@@ -132,7 +132,7 @@ timestep_fraction = 0.99    # train on int(steps·fraction) of the sampler's σ 
 decay_type = 1              # old adapter: 0 = copy θ, 1 = min(0.001·s, 0.5), 2 = 0 until 75 then min(0.0075·(s−75), 0.999)
 use_ema = True
 ema_decay = 0.9
-max_steps = 60
+max_steps = 40
 # system
 device = ""                 # "" = cuda if available else cpu
 dtype = "float16"           # autocast dtype on GPU: float16 (GradScaler) / bfloat16 / float32; CPU runs float32

@@ -17,6 +17,7 @@ num_seeds = 4
 prompts_per_step = 24                     # 3 per GPU on 8 GPUs
 rollout_micro_batch = 16
 train_micro_batch = 9                     # DiffusionNFT's per-GPU training batch
+learning_rate = 3e-4                      # Table 3
 max_steps = 300
 eval_every = 25
 save_every = 25

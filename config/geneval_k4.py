@@ -17,6 +17,7 @@ num_seeds = 2
 prompts_per_step = 48                     # 6 per GPU on 8 GPUs
 rollout_micro_batch = 8
 train_micro_batch = 8
+learning_rate = 3e-4                      # Table 3
 max_steps = 850
 eval_every = 50
 save_every = 50

@@ -16,6 +16,7 @@ num_seeds = 24
 prompts_per_step = 48                     # DiffusionNFT: 48 groups × 24 per epoch
 rollout_micro_batch = 12
 train_micro_batch = 9
+learning_rate = 3e-4                      # Table 3
 max_steps = 850
 eval_every = 50
 save_every = 50

@@ -17,6 +17,7 @@ num_seeds = 8
 prompts_per_step = 48
 rollout_micro_batch = 12
 train_micro_batch = 9
+learning_rate = 3e-4                      # Table 3
 max_steps = 750
 eval_every = 50
 save_every = 50
