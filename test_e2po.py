@@ -2233,8 +2233,8 @@ WRAPPER = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch
-import reward, tests_train, train
-reward.build = tests_train.fake_reward_build
+import reward, test_e2po, train
+reward.build = test_e2po.fake_reward_build
 from configurator import configure
 run = train.train(configure(train.config_defaults(), sys.argv[1:]))
 import model
