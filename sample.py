@@ -48,6 +48,7 @@ Departures from the references
 
 import argparse
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,7 +366,7 @@ def _native_size(weights):
 
 def _to_pil(img):
     from PIL import Image
-    arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    arr = (img.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     return Image.fromarray(arr)
 
 
@@ -377,6 +378,7 @@ def save_grid(images, path, ncols):
     grid = Image.new("RGB", (ncols * W, nrows * H), "white")
     for i in range(N):
         grid.paste(_to_pil(images[i]), ((i % ncols) * W, (i // ncols) * H))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid.save(path)
 
 

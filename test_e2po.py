@@ -2176,7 +2176,7 @@ def test_plot_and_grid(tmp_path):
     rows = [{"step": s, "reward_mean": s * 0.1, "reward_std": 0.2, "zero_std_ratio": 0.0, "kl": 1e-4 * s} for s in range(5)]
     train.plot_curves(rows, str(tmp_path / "c.png"))
     assert Image.open(tmp_path / "c.png").size[0] > 0
-    train.save_grid(torch.rand(6, 3, 8, 8), str(tmp_path / "g" / "grid.png"), ncols=3)
+    S.save_grid(torch.rand(6, 3, 8, 8), str(tmp_path / "g" / "grid.png"), ncols=3)
     assert Image.open(tmp_path / "g" / "grid.png").size == (24, 16)
 
 

@@ -547,23 +547,6 @@ def restore_checkpoint(run):
 # -----------------------------------------------------------------------------
 # images and curves (Pillow only)
 
-def to_pil(img):
-    from PIL import Image
-    arr = (img.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(arr)
-
-
-def save_grid(images, path, ncols):
-    """images (N,3,H,W) in [0,1] → one PNG, row-major, ncols columns."""
-    from PIL import Image
-    N, _, H, W = images.shape
-    grid = Image.new("RGB", (ncols * W, math.ceil(N / ncols) * H), "white")
-    for i in range(N):
-        grid.paste(to_pil(images[i]), ((i % ncols) * W, (i // ncols) * H))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    grid.save(path)
-
-
 def plot_curves(rows, path, keys=("reward_mean", "reward_std", "zero_std_ratio", "eval_reward", "policy_loss", "kl")):
     """One small panel per logged series (x = step), drawn with ImageDraw."""
     from PIL import Image, ImageDraw
@@ -887,19 +870,21 @@ def evaluate(run, adapter):
 
 
 def run_eval(run, step, tag=None):
+    import sample
     adapter = "ema" if run.cfg.use_ema else "policy"
     means, images = evaluate(run, adapter)
     if run.world.master and images is not None:
-        save_grid(images, os.path.join(run.cfg.out_dir, "samples", tag or f"step_{step:06d}.png"),
-                  ncols=min(len(images), 8))
+        sample.save_grid(images, os.path.join(run.cfg.out_dir, "samples", tag or f"step_{step:06d}.png"),
+                         ncols=min(len(images), 8))
     return means
 
 
 def save_group_grid(run, step, group):
     """One rollout group: rows = variants (row 0 = the original prompt), columns = seeds."""
+    import sample
     order = torch.argsort(group.variant * run.cfg.num_seeds + group.seed_idx)
-    save_grid(group.images[order], os.path.join(run.cfg.out_dir, "groups", f"step_{step:06d}.png"),
-              ncols=run.cfg.num_seeds)
+    sample.save_grid(group.images[order], os.path.join(run.cfg.out_dir, "groups", f"step_{step:06d}.png"),
+                     ncols=run.cfg.num_seeds)
 
 
 # -----------------------------------------------------------------------------
