@@ -352,12 +352,13 @@ def _load_text_encoders(path, dtype, device):
     return _load_model_lib().load_text_encoders(path, dtype=dtype, device=device)   # no T5 there: a zero T5 part
 
 
-def _native_size(weights):
-    """Image side the model was made for: transformer/config.json sample_size (latent side) × the VAE factor."""
+def native_size(weights):
+    """Image side a pipeline root was made for: transformer/config.json sample_size (latent side) × the VAE factor
+    2^(levels−1); None when `weights` is not such a folder or says nothing."""
     import json
     root = Path(weights)
     cfg_t, cfg_v = root / "transformer" / "config.json", root / "vae" / "config.json"
-    if not cfg_t.is_file():
+    if not root.is_dir() or not cfg_t.is_file():
         return None
     sample_size = json.loads(cfg_t.read_text()).get("sample_size")
     factor = 2 ** (len(json.loads(cfg_v.read_text()).get("block_out_channels", [0] * 4)) - 1) if cfg_v.is_file() else 8
@@ -422,7 +423,7 @@ def main(argv=None):
     if args.lora and not Path(args.lora).is_file():
         raise FileNotFoundError(f"--lora not found: {args.lora}")
     # default world: its render size (its transformer config's sample_size is the pos-embed grid, not the training size)
-    size = args.size or (WORLD_SIZE if args.weights is None else (weights.is_dir() and _native_size(weights)) or 512)
+    size = args.size or (WORLD_SIZE if args.weights is None else native_size(weights) or 512)
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)

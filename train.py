@@ -287,23 +287,6 @@ def read_prompts(path):
     return items
 
 
-def native_resolution(weights_path):
-    """transformer/config.json sample_size × the VAE factor (2^(levels−1)), or None."""
-    if not os.path.isdir(weights_path):
-        return None
-    cfg_t = os.path.join(weights_path, "transformer", "config.json")
-    cfg_v = os.path.join(weights_path, "vae", "config.json")
-    if not os.path.isfile(cfg_t):
-        return None
-    with open(cfg_t) as f:
-        size = json.load(f).get("sample_size")
-    factor = 8
-    if os.path.isfile(cfg_v):
-        with open(cfg_v) as f:
-            factor = 2 ** (len(json.load(f).get("block_out_channels", [0] * 4)) - 1)
-    return None if size is None else size * factor
-
-
 def group_size(cfg):
     """Samples per prompt group: (K with the anchor, K − 1 without) × G."""
     return (cfg.num_variants if cfg.anchor else cfg.num_variants - 1) * cfg.num_seeds
@@ -361,19 +344,13 @@ def validate_config(cfg, world_size):
     if not os.path.isdir(cfg.text_encoders):
         raise FileNotFoundError(f"config: text_encoders {cfg.text_encoders!r} is not a pipeline root folder")
     if not cfg.resolution:
-        cfg.resolution = native_resolution(cfg.weights) or 0
+        import sample
+        cfg.resolution = sample.native_size(cfg.weights) or 0
         if not cfg.resolution:
             bad(f"resolution=0 but the native size cannot be read from {cfg.weights!r}; set --resolution")
     import reward as R   # light: the reward models load in build_run
-    for spec_key in ("reward", "eval_reward"):
-        spec = getattr(cfg, spec_key) or cfg.reward
-        for name in R.parse_spec(parse_reward_spec(spec)):
-            for key in R.REQUIRED_PATHS[name]:
-                path = cfg.reward_paths.get(key) or (cfg.reward_paths.get("pickscore_processor")
-                                                     if key == "hpsv2_processor" else None)
-                if not path:
-                    raise FileNotFoundError(f"config: reward {name!r} ({spec_key}) needs reward_paths[{key!r}], "
-                                            f"a local folder/file (see reward.py's docstring for what goes there)")
+    for spec_key in ("reward", "eval_reward"):   # reward.py's own check: its path shortcuts, files and repo ids
+        R.check_paths(parse_reward_spec(getattr(cfg, spec_key) or cfg.reward), cfg.reward_paths)
     for name, path in cfg.reward_paths.items():
         if not os.path.exists(path):
             raise FileNotFoundError(f"config: reward_paths[{name!r}] = {path!r} does not exist")
