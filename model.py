@@ -107,7 +107,13 @@ SD35_LARGE = MMDiTConfig(hidden_size=2432, depth=38, num_heads=38, pos_embed_max
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """adaLN: x·(1 + scale) + shift, per sample; one fused kernel and one temporary (addcmul)."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+
+def gated_add(x, gate, y):
+    """Residual with adaLN-zero gate: x + gate·y in one kernel."""
+    return torch.addcmul(x, gate[:, None], y)
 
 
 def layer_norm(x):
@@ -138,8 +144,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + NORM_EPS)).to(x.dtype) * self.weight
+        # one kernel (float32 inside); .to() keeps q/k in x's dtype should autocast run rms_norm in float32
+        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), NORM_EPS).to(x.dtype)
 
 
 GELU_K1 = 2 * math.sqrt(2 / math.pi)       # tanh-GELU as x·sigmoid(K1·x + K3·x³), since 0.5·(1 + tanh(z)) = sigmoid(2z)
@@ -246,10 +252,10 @@ class DismantledBlock(nn.Module):
     def post_attention(self, attn_out, state):
         x, mods, x2 = state
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[2:6]
-        x = x + gate_msa[:, None] * self.attn.proj(attn_out)
+        x = gated_add(x, gate_msa, self.attn.proj(attn_out))
         if self.dual:
-            x = x + mods[8][:, None] * self.attn2(x2)
-        return x + gate_mlp[:, None] * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+            x = gated_add(x, mods[8], self.attn2(x2))
+        return gated_add(x, gate_mlp, self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp)))
 
 
 class JointBlock(nn.Module):
@@ -512,7 +518,8 @@ def _conv_layout(x):
 
 
 class VAE(nn.Module):
-    """SD3 16-channel autoencoder. Images in [0,1] at the API; latents scaled and shifted (model space)."""
+    """SD3 16-channel autoencoder. Images in [0,1] at the API; latents scaled and shifted (model space).
+    SD3 has four levels (8x downsampling); the shapes world's tiny one has three (4x): see `factor`."""
 
     def __init__(self, block_out_channels=(128, 256, 512, 512), latent_channels=16):
         super().__init__()
@@ -524,14 +531,19 @@ class VAE(nn.Module):
     def dtype(self):
         return self.encoder.conv_in.weight.dtype
 
+    @property
+    def factor(self):
+        """Pixels per latent side: 2^(levels - 1), 8 for SD3."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     def encode(self, images):
-        """images (B,3,H,W) in [0,1] -> latents (B,16,H/8,W/8): posterior mean, (z - 0.0609) * 1.5305."""
+        """images (B,3,H,W) in [0,1] -> latents (B,16,H/f,W/f), f = factor: posterior mean, (z - 0.0609) * 1.5305."""
         moments = self.encoder(_conv_layout(images.to(self.dtype) * 2 - 1))
         mean = moments[:, :self.latent_channels]
         return (mean - VAE_SHIFT) * VAE_SCALE
 
     def decode(self, latents, slice_size=None):
-        """latents (B,16,h,w) -> images (B,3,8h,8w) in [0,1]; slice_size decodes that many at a time."""
+        """latents (B,16,h,w) -> images (B,3,f·h,f·w) in [0,1]; slice_size decodes that many at a time."""
         if slice_size is not None and latents.shape[0] > slice_size:
             return torch.cat([self.decode(chunk) for chunk in latents.split(slice_size)])
         x = self.decoder(_conv_layout(latents.to(self.dtype) / VAE_SCALE + VAE_SHIFT))

@@ -431,7 +431,7 @@ def main(argv=None):
     mmdit = model_lib.load_mmdit(weights, device=device).eval()
     vae = model_lib.load_vae(weights, device=device).eval()
     text = _load_text_encoders(te_path, torch.float32, device)
-    factor = 2 ** (len(getattr(vae, "block_out_channels", (0,) * 4)) - 1)       # 8 for SD3's VAE
+    factor = vae.factor                                                       # 8 for SD3's VAE
     patch = getattr(getattr(mmdit, "cfg", None), "patch_size", 2)
     if size % (factor * patch):
         raise ValueError(f"--size must be a multiple of {factor * patch} (VAE factor {factor} × patch {patch}), got {size}")

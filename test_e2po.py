@@ -1598,6 +1598,37 @@ def test_shapes_reward_uses_world_detector(monkeypatch):
         reward.build("shapes")(torch.rand(2, 3, 8, 8), ["a", "b"], None)
 
 
+def test_soft_geneval_grades_confidence():
+    """soft_geneval_score = the partial score averaged over thresholds 0, 0.1, ..., 0.9: a detection counts at
+    the thresholds below its score. Hand-computed values."""
+    meta = {"tag": "single_object", "include": [{"class": "circle", "count": 1}]}
+    assert reward.soft_geneval_score([det("circle", 1.0)], meta) == 1.0          # confident: the partial score
+    assert reward.soft_geneval_score([det("circle", 0.55)], meta) == pytest.approx(0.6)   # counted at 0 .. 0.5
+    assert reward.soft_geneval_score([det("square", 1.0)], meta) == 0.0
+    two = {"tag": "two_object", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1}]}
+    # circle counted at all 10 thresholds (term 1), square at 0 .. 0.2 (3 of 10): mean of (1 + 1)/2 and (1 + 0)/2
+    assert reward.soft_geneval_score([det("circle", 0.95), det("square", 0.25)], two) == pytest.approx(
+        (3 * 1.0 + 7 * 0.5) / 10)
+    # the threshold override: a 0.5 count passes 0.3 but not GenEval's counting threshold 0.9
+    count = {"tag": "counting", "include": [{"class": "circle", "count": 2}]}
+    dets = [det("circle", 0.95), det("circle", 0.5)]
+    assert geneval_score(dets, count) == (0.5, False)
+    assert geneval_score(dets, count, threshold=0.3) == (1.0, True)
+
+
+def test_shapes_soft_reward_matches_hard_on_renders():
+    """On the world's own clean renders every detection is confident, so the soft reward equals the partial one;
+    on noise-blurred renders confidences drop and the soft reward is the lower of the two."""
+    metas = world.load_prompts("test")[:8]
+    images = world.render_batch(metas, seed=1)
+    hard, soft = reward.build("shapes"), reward.build("shapes_soft")
+    prompts = [m["prompt"] for m in metas]
+    assert set(soft(images, prompts, metas)) == {"shapes_soft", "avg"}
+    assert torch.allclose(soft(images, prompts, metas)["shapes_soft"], hard(images, prompts, metas)["shapes"])
+    blurred = torch.nn.functional.avg_pool2d(images, 5, 1, 2)
+    assert soft(blurred, prompts, metas)["shapes_soft"].mean() < hard(images, prompts, metas)["shapes"].mean()
+
+
 def test_shapes_reward_on_rendered_world():
     """The real shapes world: its own renders score 1; mismatched metadata scores lower."""
     metas = world.load_prompts("test")[:12]
@@ -1758,9 +1789,10 @@ def test_prompts_split_disjoint_and_cover_all_tags(tmp_path):
     assert not ptrain & ptest
     assert {r["tag"] for r in train} == {r["tag"] for r in test} == set(world.TAGS)
     assert sorted(json.dumps(r) for r in train + test) == sorted(json.dumps(r) for r in world.make_prompts())
-    for tag in world.TAGS:                                              # stratified ~85/15
+    for tag in world.TAGS:                                              # stratified ~85/15, at most 12
         n = sum(r["tag"] == tag for r in train + test)
-        assert sum(r["tag"] == tag for r in test) == max(1, round(world.TEST_FRACTION * n))
+        held = sum(r["tag"] == tag for r in test)
+        assert held == world.test_count(n) == min(world.TEST_MAX, max(1, round(world.TEST_FRACTION * n)))
     counts = world.write_prompts(tmp_path)                              # shipped files == regeneration
     assert counts == {"train": len(train), "test": len(test)}
     for split in ("train", "test"):
@@ -2259,7 +2291,7 @@ def fake_reward(monkeypatch):
 def tiny_config(root, out_dir, **over):
     """Everything small: 2 prompts × K=2 × G=2 per step, 3 rollout steps, 3 Δ steps, 64-px images."""
     return {**train.config_defaults(), "weights": root, "out_dir": str(out_dir), "resolution": 64,
-            "prompts_per_step": 2, "num_variants": 2, "num_seeds": 2, "emb_steps": 3, "train_sample_steps": 3,
+            "prompts_per_step": 2, "num_variants": 2, "num_seeds": 2, "emb_steps": 3, "train_sample_steps": 3, "timestep_fraction": 0.99,
             "eval_sample_steps": 2, "eval_num_prompts": 2, "eval_every": 2, "save_every": 1, "log_images_every": 1,
             "rollout_micro_batch": 4, "train_micro_batch": 2, "lora_rank": 4, "lora_alpha": 8.0,
             "learning_rate": 1e-2, "max_steps": 2, "device": "cpu", **over}
@@ -2294,13 +2326,28 @@ def test_e2e_two_iterations(tiny_root, tmp_path, fake_reward):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_eval_draws_the_same_noise_for_every_seed(tiny_root, tmp_path, fake_reward):
+    """Held-out scores are comparable across runs: the eval noise is keyed by (prompt, image), not by the seed.
+    At init the policy LoRA is zero (B = 0), so two seeds must score the same; a third image per prompt
+    adds draws, so the mean changes."""
+    scores = {}
+    for seed, n_img in ((1, 2), (2, 2), (1, 3)):
+        cfg = train.validate_config(train.SimpleNamespace(**tiny_config(
+            tiny_root, tmp_path / f"s{seed}{n_img}", seed=seed, eval_num_prompts=3, eval_num_images=n_img)), 1)
+        run = train.build_run(cfg, train.setup_distributed(cfg))
+        scores[seed, n_img], images = train.evaluate(run, "policy")
+        assert len(images) == 3                                          # the grid: one image per prompt
+    assert scores[1, 2] == scores[2, 2]
+    assert scores[1, 2] != scores[1, 3]
+
+
 def test_default_world_runs_from_the_shipped_model(tmp_path):
     """`python train.py` as shipped (the pretrained world in data/shapes/sd3_tiny, the real shapes reward),
     shrunk to two short iterations: the real loaders, Δ, rollouts, detector, update and outputs all run."""
     assert os.path.isfile(os.path.join(train.DEFAULT_WEIGHTS, "transformer", "config.json")), \
         "data/shapes/sd3_tiny is missing: run python data/shapes/pretrain.py"
     train.train(dict(out_dir=str(tmp_path), max_steps=2, prompts_per_step=2, emb_steps=5, eval_every=2,
-                     eval_num_prompts=4, eval_sample_steps=4, log_images_every=1, save_every=0))
+                     eval_num_prompts=4, eval_num_images=1, eval_sample_steps=4, log_images_every=1, save_every=0))
     rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2]
     for key in ("reward_mean", "reward_std", "zero_std_ratio", "loss", "kl", "grad_norm", "mean_pairwise_cos"):
@@ -2425,7 +2472,8 @@ def test_e2e_ddp_two_processes_equal_one(tiny_root, tmp_path):
     wrapper.write_text(WRAPPER.format(repo=REPO))
     keys = ("weights", "resolution", "prompts_per_step", "num_variants", "num_seeds", "emb_steps", "train_sample_steps",
             "rollout_micro_batch", "train_micro_batch", "lora_rank", "lora_alpha", "learning_rate", "max_steps",
-            "device", "eval_every", "eval_sample_steps", "eval_num_prompts", "log_images_every", "adam_eps")
+            "device", "eval_every", "eval_sample_steps", "eval_num_prompts", "log_images_every", "adam_eps",
+            "timestep_fraction")
     # adam_eps = 1: Adam's update ≈ lr·g, so gradients equal up to summation order give weights equal to 1e-6
     cfg = tiny_config(tiny_root, "x", eval_every=2, eval_num_prompts=3, log_images_every=0, max_steps=2,
                       adam_eps=1.0, learning_rate=1.0)

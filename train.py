@@ -73,9 +73,9 @@ from tqdm import tqdm
 # I/O
 out_dir = "out"
 resume = False              # continue from out_dir/ckpt.pt
-eval_every = 10             # evaluate held-out prompts every N steps (0 = never)
-save_every = 10             # checkpoint every N steps (and at the end)
-log_images_every = 10       # save one rollout group as a grid every N steps (0 = never)
+eval_every = 20             # evaluate held-out prompts every N steps (0 = never)
+save_every = 20             # checkpoint every N steps (and at the end)
+log_images_every = 20       # save one rollout group as a grid every N steps (0 = never)
 grid_prompts = 8            # held-out prompts shown in samples/*.png
 wandb_log = False           # only if wandb is installed
 wandb_project = "e2po"
@@ -87,14 +87,16 @@ use_t5 = False              # SD3.5 uses T5-XXL; the shapes world has no T5
 max_sequence_length = 8     # T5 tokens (the world has no T5: 8 zero tokens, as it was pretrained; SD3.5: 256)
 train_prompts = "data/shapes/train.jsonl"   # GenEval-format jsonl (key "prompt") or .txt, one prompt a line
 eval_prompts = "data/shapes/test.jsonl"
-eval_num_prompts = 64       # first N held-out prompts (0 = all)
-reward = "shapes"           # "name" or "name:weight,name:weight" (reward.py)
+eval_num_prompts = 0        # first N held-out prompts (0 = all)
+eval_num_images = 4         # images per held-out prompt (noise keyed by prompt and image, not by seed)
+reward = "shapes_soft"      # "name" or "name:weight,name:weight" (reward.py); the world trains on the GenEval
+                            # partial score averaged over detection thresholds (dense), and evaluates GenEval's
 reward_paths = {}           # local model folders, e.g. {"pickscore": "/models/PickScore_v1"}
-eval_reward = ""            # reward for evaluation; "" = reward
+eval_reward = "shapes"      # reward for evaluation; "" = reward
 # E²PO groups
 num_variants = 4            # K: the original prompt + K−1 perturbed variants
 num_seeds = 2               # G: noises per variant (shared across variants, Eq. 8)
-prompts_per_step = 8        # global number of prompt groups per iteration
+prompts_per_step = 16       # global number of prompt groups per iteration
 anchor = True               # reference-anchored batching: C_orig is a member of the group
 schedule = "noise_aware"    # Eq. 13; "static" = γ ≡ 1
 rho = 0.4                   # perturbation range ρ
@@ -111,14 +113,14 @@ perturb_encoders = ("clip_l",)
 # sampling
 train_sample_steps = 10
 train_solver = "dpm2m"
-eval_sample_steps = 40
+eval_sample_steps = 20      # paper: 40 (the SD3.5 presets); the world's 16x16 latents need fewer
 eval_solver = "euler"
-resolution = 64             # pixels (the shapes world renders 64²; SD3.5 presets 512); 0 = transformer/config.json sample_size × 8
+resolution = 64             # pixels (the shapes world renders 64²; SD3.5 presets 512); 0 = transformer/config.json sample_size × VAE factor
 # LoRA
 lora_rank = 32
 lora_alpha = 64.0
 # optimisation (DiffusionNFT objective)
-learning_rate = 2e-3        # the world: 40 steps must move the policy (paper, SD3.5 presets: 3e-4)
+learning_rate = 1e-3        # the world: 60 steps must move the policy (paper, SD3.5 presets: 3e-4)
 weight_decay = 1e-4
 beta1 = 0.9
 beta2 = 0.999
@@ -128,11 +130,12 @@ nft_beta = 1.0              # β: v± = v_old ± β(v_θ − v_old)
 kl_beta = 1e-4              # β_kl, KL to the reference (LoRA off)
 adv_clip_max = 5.0          # A_max
 global_std = True           # advantage std over the whole gathered batch (else per group)
-timestep_fraction = 0.99    # train on int(steps·fraction) of the sampler's σ grid per sample
+timestep_fraction = 0.3     # train on int(steps·fraction) of the sampler's σ grid per sample (DiffusionNFT and
+                            # the SD3.5 presets: 0.99; the world spends the compute on more prompts instead)
 decay_type = 1              # old adapter: 0 = copy θ, 1 = min(0.001·s, 0.5), 2 = 0 until 75 then min(0.0075·(s−75), 0.999)
 use_ema = True
 ema_decay = 0.9
-max_steps = 40
+max_steps = 60
 # system
 device = ""                 # "" = cuda if available else cpu
 dtype = "float16"           # autocast dtype on GPU: float16 (GradScaler) / bfloat16 / float32; CPU runs float32
@@ -297,7 +300,7 @@ def validate_config(cfg, world_size):
     def bad(msg):
         raise ValueError(f"config: {msg}")
     for key in ("num_variants", "num_seeds", "prompts_per_step", "train_sample_steps", "eval_sample_steps",
-                "rollout_micro_batch", "train_micro_batch", "lora_rank", "max_skipped_steps"):
+                "eval_num_images", "rollout_micro_batch", "train_micro_batch", "lora_rank", "max_skipped_steps"):
         if getattr(cfg, key) < 1:
             bad(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.max_steps < 0 or cfg.emb_steps < 0:
@@ -684,7 +687,7 @@ def rollout(run, step, slots, items, perturbed):
     background while the next group samples. Returns (groups, rewards dict of (N_local,), reward seconds)."""
     import sample
     cfg = run.cfg
-    lat = cfg.resolution // 8
+    lat = cfg.resolution // run.vae.factor
     groups, futures = [], []
     for i, (slot, item) in enumerate(zip(slots, items)):
         one = SimpleNamespace(context=perturbed.context[i:i + 1], pooled=perturbed.pooled[i:i + 1])
@@ -813,28 +816,33 @@ def update_old_and_ema(run, num_updates):
 
 @torch.no_grad()
 def evaluate(run, adapter):
-    """Held-out prompts, Euler eval_sample_steps, with `adapter`; fixed keyed noise per prompt so every
-    evaluation sees the same noise. Returns ({name: mean}, this rank's first images)."""
+    """Held-out prompts × eval_num_images, Euler eval_sample_steps, with `adapter`; the noise is keyed by
+    (prompt, image) alone, so every evaluation of every run sees the same draws. Returns ({name: mean over
+    images}, this rank's first image of its first prompts)."""
     import model as M
     import sample
     cfg, world, dev = run.cfg, run.world, run.world.device
-    lat = cfg.resolution // 8
-    mine = list(range(world.rank, len(cfg.eval_items), world.world_size))
+    lat = cfg.resolution // run.vae.factor
+    n_img = cfg.eval_num_images
+    mine = list(range(world.rank, len(cfg.eval_items) * n_img, world.world_size))   # image j of prompt i: i·n_img + j
     scores, images_kept = [], []
     for a in range(0, len(mine), cfg.rollout_micro_batch):
         ids = mine[a:a + cfg.rollout_micro_batch]
-        items = [cfg.eval_items[i] for i in ids]
+        items = [cfg.eval_items[i // n_img] for i in ids]
         prompts = [it["prompt"] for it in items]
         context, pooled = run.text.encode(prompts)
-        noise = torch.stack([torch.randn((16, lat, lat), generator=keyed_generator(cfg.seed, "eval", i)) for i in ids])
+        # the same noise for every run and seed, so runs are compared on the same draws
+        noise = torch.stack([torch.randn((16, lat, lat), generator=keyed_generator("eval", i // n_img, i % n_img))
+                             for i in ids])
         with run.ctx(), M.use_adapter(run.model, adapter):
             x0 = sample.sample(run.model, noise.to(dev), context.to(dev), pooled.to(dev),
                                num_steps=cfg.eval_sample_steps, solver=cfg.eval_solver)
             images = run.vae.decode(x0).float()
         out, _ = score(run.eval_fn, images, prompts, items)
         scores.append(out)
-        if sum(len(x) for x in images_kept) < cfg.grid_prompts:
-            images_kept.append(images.cpu())
+        first = torch.tensor([i % n_img == 0 for i in ids])        # the grid shows each prompt's first image
+        if sum(len(x) for x in images_kept) < cfg.grid_prompts and first.any():
+            images_kept.append(images[first].cpu())
     local = {k: torch.cat([s[k] for s in scores]).tolist() for k in scores[0]} if scores else {}
     gathered = [local]
     if world.ddp:

@@ -46,8 +46,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = ("nft", "e2po", "static", "no_anchor")
 COLORS = {"nft": (214, 39, 40), "e2po": (31, 119, 180), "static": (44, 160, 44), "no_anchor": (255, 127, 14)}
-SMOKE = {"max_steps": 1, "prompts_per_step": 1, "emb_steps": 2, "train_sample_steps": 2, "eval_sample_steps": 2,
-         "eval_num_prompts": 2, "eval_every": 1, "save_every": 1, "log_images_every": 0}
+SMOKE = {"max_steps": 1, "prompts_per_step": 1, "emb_steps": 2, "train_sample_steps": 2, "timestep_fraction": 0.5,
+         "eval_sample_steps": 2, "eval_num_prompts": 2, "eval_num_images": 1, "eval_every": 1, "save_every": 1, "log_images_every": 0}
 
 
 def method_overrides(method, budget, k):
@@ -182,7 +182,7 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budget", type=int, default=8, help="N = K·G samples per prompt group, for every method")
     ap.add_argument("--k", type=int, default=4, help="E²PO's K (G = budget / K)")
-    ap.add_argument("--max_steps", type=int, default=None, help="default: train.py's (60)")
+    ap.add_argument("--max_steps", type=int, default=None, help="default: train.py's")
     ap.add_argument("--methods", nargs="+", default=["nft", "e2po"], choices=METHODS)
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each with one thread)")
     ap.add_argument("--out", default="out-compare")

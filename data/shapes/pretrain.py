@@ -209,7 +209,7 @@ def train_mmdit(vae, text, prompts, steps, rng, generator):
 # ----------------------------------------------------------------------------- saving + a first look
 def save_pipeline(root, dit, vae, towers):
     """Everything in fp16 (the shipped files stay under 10 MB); the loaders upcast to the dtype asked for."""
-    model.save_diffusers(dit.half(), root / "transformer", sample_size=world.SIZE // 8)   # latent side at 64 px
+    model.save_diffusers(dit.half(), root / "transformer", sample_size=world.SIZE // vae.factor)   # latent side at 64 px
     model.save_diffusers(vae.half(), root / "vae")
     for tower, name in zip(towers, ("text_encoder", "text_encoder_2")):
         tower.half().save_pretrained(root / name, safe_serialization=True)
@@ -235,7 +235,8 @@ def first_look(root, n=64):
     metas = world.load_prompts("test")[:n]
     context, pooled = text.encode([m["prompt"] for m in metas])
     g = torch.Generator().manual_seed(SEED)
-    noise = torch.randn(len(metas), 16, world.SIZE // 8, world.SIZE // 8, generator=g)
+    lat = world.SIZE // vae.factor
+    noise = torch.randn(len(metas), 16, lat, lat, generator=g)
     x0 = sample.sample(dit, noise, context, pooled, num_steps=10, solver="dpm2m")
     images = vae.decode(x0)
     scores = reward.build("shapes")(images, [m["prompt"] for m in metas], metas)

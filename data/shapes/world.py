@@ -61,7 +61,8 @@ GAP = 0.05                      # min gap between objects' boxes and to the bord
 POSITION_SLOPE = 0.3            # "left of": |dy| <= 0.3 |dx| (well inside GenEval's 0.5 cone + 0.1 margin)
 CROSS_ARM = 0.30                # arm thickness of the cross / its side
 
-TEST_FRACTION = 0.15            # held-out prompts per tag (at least one)
+TEST_FRACTION = 0.15            # held-out prompts per tag (at least one) ...
+TEST_MAX = 12                   # ... and at most 12, so colour pairs (600 prompts) do not swamp the held-out score
 SPLIT_SEED = 0
 HERE = Path(__file__).resolve().parent
 
@@ -117,14 +118,20 @@ def make_prompts() -> list[dict]:
     return rows
 
 
+def test_count(n: int, test_fraction: float = TEST_FRACTION) -> int:
+    """Held-out prompts of a tag with n prompts."""
+    return min(TEST_MAX, max(1, int(round(test_fraction * n))))
+
+
 def split_prompts(rows: list[dict], test_fraction: float = TEST_FRACTION, seed: int = SPLIT_SEED):
-    """Stratified by tag: a fixed random `test_fraction` of each tag's prompts (at least one) is held out."""
+    """Stratified by tag: a fixed random `test_fraction` of each tag's prompts (at least one, at most TEST_MAX) is
+    held out."""
     train, test = [], []
     rng = np.random.default_rng(seed)
     for tag in TAGS:
         group = [r for r in rows if r["tag"] == tag]
         order = rng.permutation(len(group))
-        n_test = max(1, int(round(test_fraction * len(group))))
+        n_test = test_count(len(group), test_fraction)
         held = set(order[:n_test].tolist())
         test += [r for i, r in enumerate(group) if i in held]
         train += [r for i, r in enumerate(group) if i not in held]
