@@ -1,5 +1,6 @@
 """Rewards for E2PO: GenEval (in-process, no mmdet), PickScore, CLIPScore, LAION Aesthetic, HPSv2.1,
-and "shapes" (GenEval scoring with the shapes world's numpy detector), behind one interface.
+"shapes" (GenEval scoring with the shapes world's numpy detector) and "shapes_soft" (the same partial score
+averaged over detection thresholds: the world's dense training reward), behind one interface.
 
     fn = reward.build({"pickscore": 1.0}, paths={"pickscore": ..., "pickscore_processor": ...}, device="cuda")
     scores = fn(images, prompts, metadata)   # images (B,3,H,W) float in [0,1]
@@ -47,6 +48,8 @@ Departures from the references:
   Their code appends a 1.0 term even after a failed relative-position check; we keep that quirk by
   default for parity with the paper's training reward (`POSITION_QUIRK = False` gives a clean 0 term).
   Strict = GenEval's `evaluate` (>= count among the most confident, colour/position on those, excludes).
+- `soft_geneval_score` (reward "shapes_soft") is ours, not GenEval's: the partial score averaged over
+  thresholds 0, 0.1, ..., 0.9, for the shapes world, whose tiny model rarely clears GenEval's 0.3 / 0.9.
 - transformers builds Mask2Former's training loss (needs scipy) in the constructor; when scipy is
   missing we build it with an inference-only stub instead (see `build_mask2former`).
 """
