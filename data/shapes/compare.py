@@ -22,16 +22,16 @@ reward, mean intra-group reward std, zero-std ratio; one line per method).
     python data/shapes/compare.py --smoke --seeds 0 --jobs 1 --out out-compare-smoke   # 1 tiny step each
     python data/shapes/compare.py --set learning_rate=1e-4 eval_num_prompts=32           # any train.py key
 
-Time: each run is one `python train.py` on this world (the default run targets ≤ 10 min on 2 cores; with
---jobs 2 each run gets one core, so count up to twice that): 3 seeds × 2 methods ≈ 3 such slots in
-wall time, all four methods ≈ 6. Not timed at full length; --smoke takes ~6 s a run.
+Time: each run is one `python train.py` on this world (the default run: 7 min alone on 2 cores). With
+--jobs 2 each run gets one core, ≈12 min for E²PO and ≈9 min for DiffusionNFT (no Phase I): the default
+sweep, 3 seeds × 2 methods, took 32 min on 2 cores; all four methods take about twice that.
 
 Where this departs from the paper: a 64² world and a tiny pretrained MMDiT instead of SD3.5-M on 8 GPUs
-(60 steps of 8 prompts instead of 300–850 of 48); both methods get the same N (the paper's DiffusionNFT
-baseline, config/nft_baseline.py, has G=24 where E²PO-K4 has 4×2); the reward, for training and test, is
-the world's GenEval scoring with a numpy detector instead of Mask2Former + CLIP ("GenEval" here: partial
-= mean of clause terms, the training reward; strict = GenEval's 0/1 correctness), on the EMA adapter
-over the first eval_num_prompts held-out prompts.
+(60 steps of 16 prompts instead of 300–850 of 48); both methods get the same N (the paper's DiffusionNFT
+baseline, config/nft_baseline.py, has G=24 where E²PO-K4 has 4×2); the training reward is the world's
+soft GenEval partial score (reward "shapes_soft") and the test score GenEval's scoring with a numpy detector
+instead of Mask2Former + CLIP ("GenEval" here: partial = mean of clause terms; strict = GenEval's 0/1
+correctness), on the EMA adapter over the held-out prompts × eval_num_images, the same noise for every run.
 """
 
 import argparse

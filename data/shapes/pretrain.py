@@ -1,6 +1,6 @@
 """Pretrain the shapes world's tiny SD3 from scratch, on CPU, and save it where the real loaders read it.
 
-    python data/shapes/pretrain.py                 # about 15 minutes on 2 cores; writes data/shapes/sd3_tiny/
+    python data/shapes/pretrain.py                 # about 30 minutes on 2 cores; writes data/shapes/sd3_tiny/
     python data/shapes/pretrain.py --quick --out /tmp/sd3_tiny   # a smoke run in about a minute
 
 The result is a small model of the real architecture (MMDiT with dual attention and qk-norm, the SD3
