@@ -450,6 +450,27 @@ def test_lora_training_step_bf16_base(dual_case):
     assert all(p.grad is None for n, p in ours.named_parameters() if ".lora_" not in n)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_inference_fast_paths_match_autograd_paths(dtype):
+    """The no-grad CPU shortcuts (feed-forward in MLP_CHUNK-token chunks, in-place RMSNorm and sigmoid-form GELU)
+    compute what the autograd paths compute; the parity tests never reach them (their sequences are short)."""
+    torch.manual_seed(0)
+    L = 2 * model.MLP_CHUNK + 37
+    mlp, norm = model.MLP(48, 192).to(dtype), model.RMSNorm(16).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    x, q = torch.randn(2, L, 48, dtype=dtype), torch.randn(2, 3, L, 16, dtype=dtype)
+    with torch.no_grad():
+        fast_mlp, fast_norm = mlp(x), norm(q)
+    slow_mlp, slow_norm = mlp(x).detach(), norm(q).detach()                 # grad enabled: one pass, F.gelu
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert fast_mlp.shape == slow_mlp.shape and fast_mlp.dtype == dtype
+    assert torch.allclose(fast_mlp.float(), slow_mlp.float(), atol=tol, rtol=tol)
+    assert torch.allclose(fast_norm.float(), slow_norm.float(), atol=tol, rtol=tol)
+    ref = q.float() * torch.rsqrt(q.float().pow(2).mean(-1, keepdim=True) + model.NORM_EPS) * norm.weight.float()
+    assert torch.allclose(fast_norm.float(), ref, atol=tol, rtol=tol)    # diffusers' formula, in float32
+
+
 def test_fresh_mmdit_init():
     """From scratch (the shapes world's pretraining): adaLN-zero and a zero output layer, so v = 0 at init, while
     gradients still reach the output layer; positions are distinct sin-cos rows."""
