@@ -535,7 +535,7 @@ def _conv_layout(x):
 
 class VAE(nn.Module):
     """SD3 16-channel autoencoder. Images in [0,1] at the API; latents scaled and shifted (model space).
-    SD3 has four levels (8x downsampling); the shapes world's tiny one has three (4x): see `factor`."""
+    SD3 has four levels (8x downsampling); `factor` reads the downsampling from the levels of any config."""
 
     def __init__(self, block_out_channels=(128, 256, 512, 512), latent_channels=16):
         super().__init__()
