@@ -180,8 +180,7 @@ class MLP(nn.Module):
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):
-        L = x.shape[-2] if x.dim() > 1 else 0
-        if MLP_CHUNK and L > MLP_CHUNK and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if MLP_CHUNK and x.shape[-2] > MLP_CHUNK and x.device.type == "cpu" and not torch.is_grad_enabled():
             return torch.cat([self.fc2(gelu_tanh(self.fc1(chunk))) for chunk in x.split(MLP_CHUNK, dim=-2)], dim=-2)
         return self.fc2(gelu_tanh(self.fc1(x)))
 

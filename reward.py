@@ -722,13 +722,14 @@ def geneval_from_detector(detect: Callable, name: str, color_classifier: ColorCl
             clf = None if color_classifier is None else (lambda ds, c, b=b: color_classifier(images[b], ds, c))
             if soft:
                 partial.append(soft_geneval_score(dets, meta, clf))
-                continue
-            p, s = geneval_score(dets, meta, clf)
-            partial.append(p)
-            strict.append(float(s))
-        if soft:
-            return {name: _out(partial, images)}
-        return {name: _out(partial, images), name + "_strict": _out(strict, images)}
+            else:
+                p, s = geneval_score(dets, meta, clf)
+                partial.append(p)
+                strict.append(float(s))
+        out = {name: _out(partial, images)}
+        if not soft:
+            out[name + "_strict"] = _out(strict, images)
+        return out
     return fn
 
 
@@ -739,17 +740,21 @@ def geneval_reward(paths: dict, device="cpu", dtype=None):
     return geneval_from_detector(detector, "geneval", ColorClassifier(load_clip(clip_l, None, device, dtype)))
 
 
-def shapes_reward(paths: dict, device="cpu", dtype=None):
-    """GenEval scoring with the shapes world's numpy detector (sets each Detection's colour; no weights)."""
+def _shapes_detect(images):
+    """The shapes world's numpy detector on a batch of tensors (it sets each Detection's colour; no weights)."""
     from data.shapes.world import detect
-    return geneval_from_detector(lambda images: detect(images.detach().float().cpu()), "shapes")
+    return detect(images.detach().float().cpu())
+
+
+def shapes_reward(paths: dict, device="cpu", dtype=None):
+    """GenEval scoring with the shapes world's numpy detector."""
+    return geneval_from_detector(_shapes_detect, "shapes")
 
 
 def shapes_soft_reward(paths: dict, device="cpu", dtype=None):
     """The shapes world's GenEval partial score averaged over detection thresholds (soft_geneval_score): the
     world's training reward, dense enough for a few thousand rollouts on a tiny model; evaluate with "shapes"."""
-    from data.shapes.world import detect
-    return geneval_from_detector(lambda images: detect(images.detach().float().cpu()), "shapes_soft", soft=True)
+    return geneval_from_detector(_shapes_detect, "shapes_soft", soft=True)
 
 
 def _clip_pair_scores(clip: ClipBundle, images, prompts, logit_scale: bool = False):
