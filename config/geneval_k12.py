@@ -14,6 +14,7 @@ reward = "geneval"
 reward_paths = {}                         # set on the command line: the detector / CLIP folders reward.py names
 resolution = 512
 delta_max = 0.05                          # ‖δ‖max, Table 3 (the world's default is scaled to its tiny CLIP)
+emb_steps = 300                           # T_emb, Table 3 (the world needs only 100)
 num_variants = 12
 num_seeds = 4
 prompts_per_step = 24                     # 3 per GPU on 8 GPUs

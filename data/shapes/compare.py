@@ -44,6 +44,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+from train import num_seeds as DEFAULT_G, num_variants as DEFAULT_K   # noqa: E402  (the default run's K × G)
+
 METHODS = ("nft", "e2po", "static", "no_anchor")
 COLORS = {"nft": (214, 39, 40), "e2po": (31, 119, 180), "static": (44, 160, 44), "no_anchor": (255, 127, 14)}
 SMOKE = {"max_steps": 1, "prompts_per_step": 1, "emb_steps": 2, "train_sample_steps": 2, "timestep_fraction": 0.5,
@@ -180,8 +183,9 @@ def plot(results, path, keys=(("reward_mean", "training reward (mean)"), ("rewar
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--budget", type=int, default=8, help="N = K·G samples per prompt group, for every method")
-    ap.add_argument("--k", type=int, default=4, help="E²PO's K (G = budget / K)")
+    ap.add_argument("--budget", type=int, default=DEFAULT_K * DEFAULT_G, help="N = K·G samples per prompt group, for "
+                    "every method (default: train.py's K·G)")
+    ap.add_argument("--k", type=int, default=DEFAULT_K, help="E²PO's K (G = budget / K; default: train.py's)")
     ap.add_argument("--max_steps", type=int, default=None, help="default: train.py's")
     ap.add_argument("--methods", nargs="+", default=["nft", "e2po"], choices=METHODS)
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each with one thread)")
