@@ -2580,3 +2580,25 @@ def test_default_rows_agree_with_reference(tmp_path):
         ratio = line.split("|")[4].strip()
         assert float(ratio) > 0, line
     assert "- command: `python" in text and "- machine:" in text
+
+
+def test_shapes_compare_gives_every_method_the_same_budget_and_reports_seed_statistics(tmp_path):
+    from data.shapes import compare
+    for k in (2, 4):
+        for method in compare.METHODS:
+            cfg = SimpleNamespace(**{**train.config_defaults(), **compare.method_overrides(method, 8, k)})
+            assert train.group_size(cfg) == 8, (method, k)
+    # two seeds of one method, hand-made logs: the table's numbers are the seed means and sample stds
+    runs = []
+    for seed, (after, strict) in enumerate(((0.20, 0.05), (0.30, 0.15))):
+        rows = [{"step": 0, "eval_reward": 0.1, "eval_shapes_strict": 0.0}]
+        rows += [{"step": s, "reward_mean": 0.1 * s, "reward_std": 0.2, "zero_std_ratio": 0.5} for s in range(1, 11)]
+        rows += [{"step": 10, "eval_reward": after, "eval_shapes_strict": strict}]
+        runs.append((seed, {"num_variants": 4, "num_seeds": 2, "anchor": True}, rows))
+    text = compare.table({"e2po": runs})
+    row = next(line for line in text.splitlines() if line.startswith("| e2po"))
+    assert f"0.250 ± {np.std([0.2, 0.3], ddof=1):.3f}" in row and "0.100 ± 0.071" in row
+    assert "0.100 → 1.000" in row and "| 4 × 2 |" in row and "2 (0 1)" in row
+    assert "before training (base model, every method and seed): 0.100 ± 0.000" in text
+    compare.plot({"e2po": runs}, tmp_path / "c.png")
+    assert Image.open(tmp_path / "c.png").size[0] == 3 * 420
