@@ -2597,7 +2597,8 @@ def test_shapes_compare_gives_every_method_the_same_budget_and_reports_seed_stat
         runs.append((seed, {"num_variants": 4, "num_seeds": 2, "anchor": True}, rows))
     text = compare.table({"e2po": runs})
     row = next(line for line in text.splitlines() if line.startswith("| e2po"))
-    assert f"0.250 ± {np.std([0.2, 0.3], ddof=1):.3f}" in row and "0.100 ± 0.071" in row
+    spread = f"{np.std([0.2, 0.3], ddof=1):.3f}"
+    assert f"| 0.250 ± {spread} | 0.150 ± {spread} | 0.100 ± 0.071 |" in row
     assert "0.100 → 1.000" in row and "| 4 × 2 |" in row and "2 (0 1)" in row
     assert "before training (base model, every method and seed): 0.100 ± 0.000" in text
     compare.plot({"e2po": runs}, tmp_path / "c.png")

@@ -113,16 +113,17 @@ def pm(values, digits=3):
 
 def table(results):
     """Markdown table over seeds; results[method] = list of (seed, config, log rows)."""
-    lines = [f"| method | K × G | final test GenEval partial (mean ± std over seeds) | strict | "
+    lines = [f"| method | K × G | final test GenEval partial (mean ± std over seeds) | gain over before training | strict | "
              f"mean intra-group reward std | mean zero-std ratio | train reward first → last 10% of steps | seeds |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     before = []
     for method, runs in results.items():
         sums = [summarise(rows) for _, _, rows in runs]
         before += [s["test0"] for s in sums if s["test0"] is not None]
         c = runs[0][1]
         kg = f"{c['num_variants']}{'' if c['anchor'] else ' (no anchor)'} × {c['num_seeds']}"
-        lines.append(f"| {method} | {kg} | {pm([s['test'] for s in sums])} | {pm([s['strict'] for s in sums])} | "
+        gains = [s["test"] - s["test0"] for s in sums if s["test0"] is not None]
+        lines.append(f"| {method} | {kg} | {pm([s['test'] for s in sums])} | {pm(gains)} | {pm([s['strict'] for s in sums])} | "
                      f"{pm([s['std'] for s in sums])} | {pm([s['zero'] for s in sums], 2)} | "
                      f"{np.mean([s['r0'] for s in sums]):.3f} → {np.mean([s['r1'] for s in sums]):.3f} | "
                      f"{len(sums)} ({' '.join(str(s) for s, _, _ in runs)}) |")
