@@ -33,7 +33,8 @@ torch.randn((P, G, C, h, w), generator=generator) on the generator's device (CPU
 
 Run:
     python sample.py --prompt "a red circle above a blue square"          # default world, data/shapes/sd3_tiny
-    python sample.py --prompt "..." --num_variants 4 --num_images 3        # E²PO's variants side by side
+    python sample.py --prompt "..." --num_variants 4 --num_images 3        # E²PO's variants side by side, and how
+                                                                           # much they change the image vs the noise
     python sample.py --prompt "..." --solver dpm2m --steps 10              # the rollout sampler
     python sample.py --prompt "..." --weights sd3.5_medium.safetensors --text_encoders /path/to/pipeline_root
 
@@ -72,6 +73,7 @@ SOLVERS = ("euler", "dpm2m", "sde")
 SCHEDULES = ("noise_aware", "static")
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "data" / "shapes" / "sd3_tiny"
 WORLD_SIZE = 64              # the default world's image side (data/shapes/world.py SIZE)
+WORLD_T5_TOKENS = 8          # ... and its zero "T5" tokens, as it was pretrained (SD3.5: 256 real ones)
 
 
 # -----------------------------------------------------------------------------
@@ -343,13 +345,28 @@ def sample_groups(model, vae, perturbed, num_seeds, num_steps=ROLLOUT_STEPS, sol
 # -----------------------------------------------------------------------------
 # CLI
 
+def variant_spread(images, variant, seed_idx):
+    """How much E²PO's variants change an image, against how much the noise does: (mean |x(k, g) − x(0, g)| over
+    perturbed variants k ≥ 1 and noises g, mean |x(0, g) − x(0, g')| over noise pairs g ≠ g'), per pixel and channel.
+    images (N,...) of one prompt's group with their variant and seed indices (Group's). A variant spread much smaller
+    than the noise spread means the group's diversity, and so its reward variance, comes from the G noises alone.
+    The noise spread is nan with one noise."""
+    images, variant, seed_idx = images.float(), torch.as_tensor(variant), torch.as_tensor(seed_idx)
+    orig = {int(g): images[(variant == 0) & (seed_idx == g)][0] for g in seed_idx[variant == 0].unique()}
+    perturbed = [(images[n] - orig[int(seed_idx[n])]).abs().mean() for n in range(len(images))
+                 if variant[n] > 0 and int(seed_idx[n]) in orig]
+    pairs = [(orig[a] - orig[b]).abs().mean() for a in orig for b in orig if a < b]
+    mean = lambda xs: float(torch.stack(xs).mean()) if xs else float("nan")
+    return mean(perturbed), mean(pairs)
+
+
 def _load_model_lib():
     import model as model_lib
     return model_lib
 
 
-def _load_text_encoders(path, dtype, device):
-    return _load_model_lib().load_text_encoders(path, dtype=dtype, device=device)   # no T5 there: a zero T5 part
+def _load_text_encoders(path, dtype, device, **kw):
+    return _load_model_lib().load_text_encoders(path, dtype=dtype, device=device, **kw)   # no T5 there: a zero T5 part
 
 
 def native_size(weights):
@@ -397,6 +414,8 @@ def main(argv=None):
     ap.add_argument("--solver", default="euler", choices=SOLVERS)
     ap.add_argument("--eta", type=float, default=ETA)
     ap.add_argument("--rho", type=float, default=RHO)
+    ap.add_argument("--delta_max", type=float, default=None,
+                    help="Phase I's ‖δ‖max (default: perturb.py's 0.05 for SD3.5's CLIP-L; the shapes world trains with 0.025)")
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default world: 64; else the model's native size, else 512)")
     ap.add_argument("--guidance_scale", type=float, default=1.0)
     ap.add_argument("--micro_batch", type=int, default=MICRO_BATCH)
@@ -430,7 +449,9 @@ def main(argv=None):
     model_lib = _load_model_lib()
     mmdit = model_lib.load_mmdit(weights, device=device).eval()
     vae = model_lib.load_vae(weights, device=device).eval()
-    text = _load_text_encoders(te_path, torch.float32, device)
+    # the world was pretrained with 8 zero T5 tokens; 256 of them (the SD3.5 default) wash out its CLIP tokens
+    world = {"t5": False, "max_sequence_length": WORLD_T5_TOKENS} if args.weights is None and args.text_encoders is None else {}
+    text = _load_text_encoders(te_path, torch.float32, device, **world)
     factor = vae.factor                                                       # 8 for SD3's VAE
     patch = getattr(getattr(mmdit, "cfg", None), "patch_size", 2)
     if size % (factor * patch):
@@ -442,7 +463,8 @@ def main(argv=None):
 
     if args.num_variants > 1:
         import perturb
-        perturbed = perturb.learn_perturbations(text, [args.prompt], num_variants=args.num_variants, seed=args.seed)
+        perturbed = perturb.learn_perturbations(text, [args.prompt], num_variants=args.num_variants, seed=args.seed,
+                                                delta_max=args.delta_max or perturb.DELTA_MAX)
         s = perturbed.stats
         if "cos_to_anchor" in s:
             print(f"variants: cos to the original prompt {[round(float(c), 3) for c in torch.as_tensor(s['cos_to_anchor']).flatten()]}")
@@ -462,6 +484,10 @@ def main(argv=None):
         # grid: one row per noise, the variants side by side
         order = (group.seed_idx * args.num_variants + group.variant).argsort()
         images, names = images[order], [f"k{int(k)}_g{int(g)}" for k, g in zip(group.variant[order], group.seed_idx[order])]
+        if args.num_variants > 1:
+            by_variant, by_noise = variant_spread(group.images, group.variant, group.seed_idx)
+            print(f"mean |pixel change|: variant vs the original prompt (same noise) {by_variant:.4f}; "
+                  f"between noises (original prompt) {by_noise:.4f}")
     else:
         from tqdm import tqdm
         with torch.no_grad():

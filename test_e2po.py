@@ -1197,12 +1197,13 @@ def _tiny_root(root):
     model.save_diffusers(model.VAE(block_out_channels=(32, 32), latent_channels=16), root / "vae")
 
 
-def test_cli_writes_images(tmp_path):
+def test_cli_writes_images(tmp_path, capsys):
     from PIL import Image
     _tiny_root(tmp_path / "root")
     out = tmp_path / "out"
     S.main(["--prompt", "a red circle", "--weights", str(tmp_path / "root"), "--num_images", "2", "--steps", "3",
             "--num_variants", "2", "--out", str(out), "--solver", "dpm2m"])
+    assert "mean |pixel change|: variant vs the original prompt" in capsys.readouterr().out
     names = sorted(p.name for p in out.iterdir())
     assert names == ["grid.png", "k0_g0.png", "k0_g1.png", "k1_g0.png", "k1_g1.png"]
     assert Image.open(out / "k0_g0.png").size == (8, 8)             # native size: sample_size 4 × VAE factor 2
@@ -1211,6 +1212,27 @@ def test_cli_writes_images(tmp_path):
         S.main(["--prompt", "x", "--weights", str(tmp_path / "missing")])
     with pytest.raises(ValueError, match="prompt"):
         S.main(["--prompt", "  ", "--weights", str(tmp_path / "root")])
+
+
+def test_cli_reads_the_default_world_with_its_eight_zero_t5_tokens(tmp_path, monkeypatch):
+    seen = {}
+    real = S._load_text_encoders
+    monkeypatch.setattr(S, "_load_text_encoders", lambda *a, **kw: seen.setdefault("te", real(*a, **kw)))
+    S.main(["--prompt", "a photo of a red circle", "--num_images", "1", "--steps", "2", "--out", str(tmp_path)])
+    assert seen["te"].t5 is None and seen["te"].max_sequence_length == train.max_sequence_length == 8
+    assert Image.open(tmp_path / "k0_g0.png").size == (S.WORLD_SIZE, S.WORLD_SIZE)
+
+
+def test_variant_spread_separates_the_variants_from_the_noise():
+    # one prompt, K = 3 variants × G = 2 noises in Group order n = k·G + g; images are constants, so every
+    # difference is known: original noise 0 → 0.1, noise 1 → 0.5; variants add +0.02 and −0.04
+    variant, seed_idx = torch.arange(3).repeat_interleave(2), torch.arange(2).repeat(3)
+    base, shift = torch.tensor([0.1, 0.5]), torch.tensor([0.0, 0.02, -0.04])
+    images = (base[seed_idx] + shift[variant]).view(-1, 1, 1, 1).expand(-1, 3, 4, 4)
+    by_variant, by_noise = S.variant_spread(images, variant, seed_idx)
+    assert by_variant == pytest.approx(0.03) and by_noise == pytest.approx(0.4)
+    by_variant, by_noise = S.variant_spread(images[variant == 0][:1], variant[:1], seed_idx[:1])
+    assert math.isnan(by_variant) and math.isnan(by_noise)      # one image: nothing to compare
 
 
 def test_caller_autocast(tmp_path):
