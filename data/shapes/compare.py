@@ -16,18 +16,18 @@ each; --jobs runs that many at once) into OUT/<method>-s<seed>/, then reads ever
 OUT/compare.md (the table, also printed) and OUT/compare.png (mean over seeds vs step: training
 reward, mean intra-group reward std, zero-std ratio; one line per method).
 
-    python data/shapes/compare.py                                  # 3 seeds × nft, e2po, 60 steps each
+    python data/shapes/compare.py                                  # 3 seeds × nft, e2po, 80 steps each
     python data/shapes/compare.py --methods nft e2po static no_anchor --jobs 2
     python data/shapes/compare.py --report_only                    # re-read the logs, no training
     python data/shapes/compare.py --smoke --seeds 0 --jobs 1 --out out-compare-smoke   # 1 tiny step each
     python data/shapes/compare.py --set learning_rate=1e-4 eval_num_prompts=32           # any train.py key
 
-Time: each run is one `python train.py` on this world (the default run: 7 min alone on 2 cores). With
---jobs 2 each run gets one core, ≈12 min for E²PO and ≈9 min for DiffusionNFT (no Phase I): the default
-sweep, 3 seeds × 2 methods, took 32 min on 2 cores; all four methods take about twice that.
+Time: each run is one `python train.py` on this world. With --jobs 2 each run gets one core, ≈12 min for
+E²PO and ≈10.5 min for DiffusionNFT (no Phase I): the default sweep, 3 seeds × 2 methods, took 37 min on
+2 cores; all four methods take about twice that.
 
 Where this departs from the paper: a 64² world and a tiny pretrained MMDiT instead of SD3.5-M on 8 GPUs
-(60 steps of 16 prompts instead of 300–850 of 48); both methods get the same N (the paper's DiffusionNFT
+(80 steps of 16 prompts instead of 300–850 of 48); both methods get the same N (the paper's DiffusionNFT
 baseline, config/nft_baseline.py, has G=24 where E²PO-K4 has 4×2); the training reward is the world's
 soft GenEval partial score (reward "shapes_soft") and the test score GenEval's scoring with a numpy detector
 instead of Mask2Former + CLIP ("GenEval" here: partial = mean of clause terms; strict = GenEval's 0/1
