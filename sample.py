@@ -442,7 +442,7 @@ def main(argv=None):
     if args.lora and not Path(args.lora).is_file():
         raise FileNotFoundError(f"--lora not found: {args.lora}")
     # default world: its render size (its transformer config's sample_size is the pos-embed grid, not the training size)
-    size = args.size or (WORLD_SIZE if args.weights is None else native_size(weights) or 512)
+    size = args.size or (WORLD_SIZE if weights.resolve() == DEFAULT_WEIGHTS else native_size(weights) or 512)
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -450,7 +450,7 @@ def main(argv=None):
     mmdit = model_lib.load_mmdit(weights, device=device).eval()
     vae = model_lib.load_vae(weights, device=device).eval()
     # the world was pretrained with 8 zero T5 tokens; 256 of them (the SD3.5 default) wash out its CLIP tokens
-    world = {"t5": False, "max_sequence_length": WORLD_T5_TOKENS} if args.weights is None and args.text_encoders is None else {}
+    world = {"t5": False, "max_sequence_length": WORLD_T5_TOKENS} if te_path.resolve() == DEFAULT_WEIGHTS else {}
     text = _load_text_encoders(te_path, torch.float32, device, **world)
     factor = vae.factor                                                       # 8 for SD3's VAE
     patch = getattr(getattr(mmdit, "cfg", None), "patch_size", 2)

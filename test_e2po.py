@@ -1218,9 +1218,12 @@ def test_cli_reads_the_default_world_with_its_eight_zero_t5_tokens(tmp_path, mon
     seen = {}
     real = S._load_text_encoders
     monkeypatch.setattr(S, "_load_text_encoders", lambda *a, **kw: seen.setdefault("te", real(*a, **kw)))
-    S.main(["--prompt", "a photo of a red circle", "--num_images", "1", "--steps", "2", "--out", str(tmp_path)])
-    assert seen["te"].t5 is None and seen["te"].max_sequence_length == train.max_sequence_length == 8
-    assert Image.open(tmp_path / "k0_g0.png").size == (S.WORLD_SIZE, S.WORLD_SIZE)
+    spelled = os.path.join(str(S.DEFAULT_WEIGHTS), "..", "sd3_tiny")      # the same folder, named explicitly
+    for extra in ([], ["--weights", spelled]):
+        seen.clear()
+        S.main(["--prompt", "a photo of a red circle", "--num_images", "1", "--steps", "2", "--out", str(tmp_path)] + extra)
+        assert seen["te"].t5 is None and seen["te"].max_sequence_length == train.max_sequence_length == 8
+        assert Image.open(tmp_path / "k0_g0.png").size == (S.WORLD_SIZE, S.WORLD_SIZE)
 
 
 def test_variant_spread_separates_the_variants_from_the_noise():

@@ -115,7 +115,7 @@ perturb_encoders = ("clip_l",)
 # sampling
 train_sample_steps = 10
 train_solver = "dpm2m"
-eval_sample_steps = 20      # paper: 40 (the SD3.5 presets); 20 keeps the world's 4 evaluations cheap
+eval_sample_steps = 20      # paper: 40 (the SD3.5 presets); 20 keeps the world's evaluations cheap
 eval_solver = "euler"
 resolution = 64             # pixels (the shapes world renders 64²; SD3.5 presets 512); 0 = transformer/config.json sample_size × VAE factor
 # LoRA
