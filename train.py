@@ -142,8 +142,9 @@ max_steps = 80
 device = ""                 # "" = cuda if available else cpu
 dtype = "float16"           # autocast dtype on GPU: float16 (GradScaler) / bfloat16 / float32; CPU runs float32
 grad_checkpointing = False
-rollout_micro_batch = 8     # samples per sampler forward
-train_micro_batch = 4       # samples per training forward (accumulated to the full batch)
+rollout_micro_batch = 64    # samples per no-grad forward: sampler (one group at most), v_old/v_ref, evaluation
+train_micro_batch = 64      # samples per training forward (accumulated to the full batch). On the world's 2 cores,
+                            # 64 and 64 instead of 8 and 4: update 2.6 → 1.3 s a step, evaluation 16 → 11 s
 max_skipped_steps = 10      # abort after this many consecutive non-finite steps
 seed = 42
 # -----------------------------------------------------------------------------
