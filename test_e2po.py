@@ -2617,13 +2617,18 @@ def test_shapes_compare_gives_every_method_the_same_budget_and_reports_seed_stat
     runs = []
     for seed, (after, strict) in enumerate(((0.20, 0.05), (0.30, 0.15))):
         rows = [{"step": 0, "eval_reward": 0.1, "eval_shapes_strict": 0.0}]
-        rows += [{"step": s, "reward_mean": 0.1 * s, "reward_std": 0.2, "zero_std_ratio": 0.5} for s in range(1, 11)]
+        rows += [{"step": s, "reward_mean": 0.1 * s, "reward_std": 0.2, "reward_std_anchor": 0.1 * (seed + 1),
+                  "zero_std_ratio": 0.5} for s in range(1, 11)]
         rows += [{"step": 10, "eval_reward": after, "eval_shapes_strict": strict}]
         runs.append((seed, {"num_variants": 4, "num_seeds": 2, "anchor": True}, rows))
-    text = compare.table({"e2po": runs})
+    nft = [(0, {"num_variants": 1, "num_seeds": 8, "anchor": True},
+            [{k: v for k, v in r.items() if k != "reward_std_anchor"} for r in runs[0][2]])]
+    text = compare.table({"e2po": runs, "nft": nft})
     row = next(line for line in text.splitlines() if line.startswith("| e2po"))
     spread = f"{np.std([0.2, 0.3], ddof=1):.3f}"
     assert f"| 0.250 ± {spread} | 0.150 ± {spread} | 0.100 ± 0.071 |" in row
+    assert "| 0.200 ± 0.000 | 0.150 ± 0.071 | 0.50 ± 0.00 |" in row      # std, the anchor's noises alone, zero-std
+    assert "| 0.200 ± 0.000 | – | 0.50 ± 0.00 |" in next(line for line in text.splitlines() if line.startswith("| nft"))
     assert "0.100 → 1.000" in row and "| 4 × 2 |" in row and "2 (0 1)" in row
     assert "before training (base model, every method and seed): 0.100 ± 0.000" in text
     compare.plot({"e2po": runs}, tmp_path / "c.png")

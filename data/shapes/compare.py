@@ -96,7 +96,9 @@ def summarise(rows):
     train = [r for r in rows if "reward_std" in r]
     evals = [r for r in rows if "eval_reward" in r]
     w = max(1, len(train) // 10)
+    anchor = [r["reward_std_anchor"] for r in train if "reward_std_anchor" in r]   # E²PO: the G noises of C_orig alone
     s = {"std": np.mean([r["reward_std"] for r in train]), "zero": np.mean([r["zero_std_ratio"] for r in train]),
+         "std_anchor": np.mean(anchor) if anchor else None,
          "r0": np.mean([r["reward_mean"] for r in train[:w]]), "r1": np.mean([r["reward_mean"] for r in train[-w:]]),
          "test": evals[-1]["eval_reward"], "test0": evals[0]["eval_reward"] if evals[0]["step"] == 0 else None}
     strict = [k for k in evals[-1] if k.startswith("eval_") and k.endswith("_strict")]
@@ -114,8 +116,9 @@ def pm(values, digits=3):
 def table(results):
     """Markdown table over seeds; results[method] = list of (seed, config, log rows)."""
     lines = [f"| method | K × G | final test GenEval partial (mean ± std over seeds) | gain over before training | strict | "
-             f"mean intra-group reward std | mean zero-std ratio | train reward first → last 10% of steps | seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"mean intra-group reward std | the same over the original prompt's G noises alone | mean zero-std ratio | "
+             f"train reward first → last 10% of steps | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     before = []
     for method, runs in results.items():
         sums = [summarise(rows) for _, _, rows in runs]
@@ -124,7 +127,7 @@ def table(results):
         kg = f"{c['num_variants']}{'' if c['anchor'] else ' (no anchor)'} × {c['num_seeds']}"
         gains = [s["test"] - s["test0"] for s in sums if s["test0"] is not None]
         lines.append(f"| {method} | {kg} | {pm([s['test'] for s in sums])} | {pm(gains)} | {pm([s['strict'] for s in sums])} | "
-                     f"{pm([s['std'] for s in sums])} | {pm([s['zero'] for s in sums], 2)} | "
+                     f"{pm([s['std'] for s in sums])} | {pm([s['std_anchor'] for s in sums])} | {pm([s['zero'] for s in sums], 2)} | "
                      f"{np.mean([s['r0'] for s in sums]):.3f} → {np.mean([s['r1'] for s in sums]):.3f} | "
                      f"{len(sums)} ({' '.join(str(s) for s, _, _ in runs)}) |")
     if before:
