@@ -296,6 +296,15 @@ def learn_perturbations(text_encoders, prompts, num_variants=NUM_VARIANTS, steps
     return Perturbed(context, pooled, stats)
 
 
+def prompt_cosines(text_encoders, prompts, encoder="clip_l"):
+    """(P,P) cosine between the original prompts' pooled `encoder` embeddings: the yardstick for μ. Whether a variant
+    at cos μ to its anchor is a small step or a large one depends on how far apart related prompts sit: in the shapes
+    world "a photo of a red circle" is at 0.975 to "a photo of two red circles" and at −0.19 to "a photo of a blue
+    circle" (python perturb.py --prompt ... --prompt ... prints this matrix)."""
+    e = F.normalize(text_encoders.encode_parts(prompts)[encoder][1].float(), dim=-1)
+    return e @ e.T
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="E²PO Phase I: learn and inspect embedding perturbations")
     ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts (one batch)")
@@ -348,6 +357,12 @@ def main(argv=None):
         print(f"  cos to anchor (target {args.mu}±{args.eps}): {cos}")
         for name, d in st["delta"].items():
             print(f"  {name} max token ‖δ‖ {d[i].norm(dim=-1).max().item():.4f} (bound {args.delta_max})")
+    if len(args.prompt) > 1:   # how far apart the prompts themselves are, in the space where μ is measured
+        encoder = args.encoders.split(",")[0]
+        cos = prompt_cosines(te, args.prompt, encoder)
+        print(f"\npooled {encoder} cos between the original prompts (μ = {args.mu} is measured on this scale):")
+        for i in range(len(args.prompt)):
+            print(f"  [{i}] " + " ".join(f"{c:.3f}" for c in cos[i].tolist()))
     return 0
 
 

@@ -692,6 +692,22 @@ def test_only_clip_l_slice_changes(text_stack):
     assert set(both.stats["per_encoder"]) == {"clip_l", "clip_g"}
 
 
+def test_prompt_cosines_match_the_pooled_slice_and_the_cli_prints_them(text_stack, capsys):
+    import perturb
+    te, dl = text_stack["te"], DIMS["clip_l"]
+    _, pooled = te.encode(TEXT_PROMPTS)                       # the assembled conditioning: CLIP-L pooled comes first
+    for name, part in (("clip_l", pooled[:, :dl]), ("clip_g", pooled[:, dl:])):
+        e = part / part.norm(dim=-1, keepdim=True)
+        torch.testing.assert_close(perturb.prompt_cosines(te, TEXT_PROMPTS, name), e @ e.T, rtol=0, atol=1e-5)
+    cos = perturb.prompt_cosines(te, TEXT_PROMPTS)
+    assert cos.shape == (len(TEXT_PROMPTS),) * 2 and cos[0, 1] < 0.999          # distinct prompts, not all alike
+    argv = sum((["--prompt", p] for p in TEXT_PROMPTS[:2]), []) + ["--weights", str(text_stack["root"]),
+                                                                   "--num_variants", "3", "--steps", "2"]
+    assert perturb.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "cos between the original prompts" in out and f"  [0] 1.000 {cos[0, 1].item():.3f}" in out
+
+
 def test_loss_decreases_and_reaches_anchor_band(text_stack):
     # A setting where the band is the optimum: Eq. 12 is an L1 term (slope 1 per variant), so it holds the variants at
     # cos μ−ε only while λ_div·2μ/(K−2) < 1 (see perturb.py); with Table 3's λ_div = 50 diversity wins until the
