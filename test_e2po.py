@@ -2209,6 +2209,13 @@ def test_validation_rejects_bad_settings(tmp_path, over, world, match):
         train.validate_config(cfg_for(tmp_path, **over), world)
 
 
+def test_validation_takes_micro_batches_larger_than_the_batch_as_one(tmp_path):
+    # 1 prompt × K·G = 8 samples: the default micro-batches (64) are one micro-batch, 3 does not divide 8
+    train.validate_config(cfg_for(tmp_path, prompts_per_step=1), 1)
+    with pytest.raises(ValueError, match="train_micro_batch=3 does not divide the 8 samples"):
+        train.validate_config(cfg_for(tmp_path, prompts_per_step=1, train_micro_batch=3), 1)
+
+
 def test_validation_files(tmp_path):
     cfg = train.validate_config(cfg_for(tmp_path, resolution=0), 2)
     assert cfg.resolution == 96 and len(cfg.train_items) == 2       # native size read from transformer/config.json
@@ -2467,7 +2474,8 @@ def test_e2e_resume_2_plus_2_equals_4(tiny_root, tmp_path, fake_reward):
     assert la[-1]["grad_norm"] > 0
 
 
-def test_e2e_k1_is_diffusionnft(tiny_root, tmp_path, fake_reward):
+@pytest.mark.parametrize("micro_batch", [4, 64])    # 64 > the 8 samples of the step: one micro-batch
+def test_e2e_k1_is_diffusionnft(tiny_root, tmp_path, fake_reward, micro_batch):
     """K = 1: no Δ, every rollout conditions on C_orig, and one step equals a DiffusionNFT step written out
     here from the primitives (encode → sample → reward → advantages → NFT loss → AdamW)."""
     import model
@@ -2475,7 +2483,7 @@ def test_e2e_k1_is_diffusionnft(tiny_root, tmp_path, fake_reward):
     from model import load_text_encoders
     # adam_eps = 1 makes Adam's first step ≈ lr·g: well conditioned, so float summation order cannot flip it
     run = train.train(tiny_config(tiny_root, tmp_path, num_variants=1, num_seeds=4, max_steps=1, eval_every=0,
-                                  train_micro_batch=4, kl_beta=0.01, adam_eps=1.0, learning_rate=1.0))
+                                  train_micro_batch=micro_batch, kl_beta=0.01, adam_eps=1.0, learning_rate=1.0))
     assert "mean_pairwise_cos" not in json.loads(open(tmp_path / "log.jsonl").readline())
     cfg, G = run.cfg, 4
     dit, vae = model.load_mmdit(tiny_root), model.load_vae(tiny_root)

@@ -34,8 +34,8 @@ rollout noise, training timesteps and noise) comes from a CPU generator keyed by
 prompt/sample index), and perturb.py seeds Δ by (seed of the step, prompt), so 1, 2 or 8 ranks with the same global batch compute the same update
 (up to float summation order), and a resumed run repeats exactly what an uninterrupted one does.
 The global batch is prompts_per_step · K · G samples; each rank takes prompts_per_step / world_size
-prompts and accumulates over (its samples / train_micro_batch) · int(train_sample_steps · timestep_fraction)
-micro-steps; validate_config asserts that everything divides. Several nodes: every rank reads the
+prompts and accumulates over (its samples / train_micro_batch, at least 1) · int(train_sample_steps ·
+timestep_fraction) micro-steps; validate_config asserts that everything divides. Several nodes: every rank reads the
 weights, prompts and (on resume) out_dir/ckpt.pt, so they must be on storage all nodes see.
 
 Where this departs from the paper / DiffusionNFT's code
@@ -316,7 +316,7 @@ def validate_config(cfg, world_size):
     if cfg.prompts_per_step % world_size:
         bad(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the world size {world_size}")
     n_local = cfg.prompts_per_step // world_size * n_group
-    if n_local % cfg.train_micro_batch:
+    if n_local % cfg.train_micro_batch and cfg.train_micro_batch < n_local:   # larger: one micro-batch of n_local
         bad(f"train_micro_batch={cfg.train_micro_batch} does not divide the {n_local} samples per rank "
             f"(prompts_per_step/world_size × group of {n_group})")
     if n_group % cfg.rollout_micro_batch and cfg.rollout_micro_batch < n_group:
@@ -759,7 +759,7 @@ def nft_update(run, step, groups, perturbed, slots, r):
     prompt_of = torch.cat([torch.full((len(g.latents),), i, dtype=torch.long) for i, g in enumerate(groups)])
     sample_ids = torch.cat([torch.arange(len(g.latents)) + slot * group_size(cfg) for g, slot in zip(groups, slots)])
     sigmas = sample.sigma_schedule(cfg.train_sample_steps)[:-1]    # the sampler's own grid, σ > 0
-    n_t, mb = num_train_timesteps(cfg), cfg.train_micro_batch
+    n_t, mb = num_train_timesteps(cfg), min(cfg.train_micro_batch, len(x0_all))
     n_micro = len(x0_all) // mb * n_t
     sums = {}
     model.train()
@@ -898,7 +898,7 @@ def train(cfg_dict):
     logger = Logger(cfg, world, start)
     n_global = cfg.prompts_per_step * group_size(cfg)
     print0(f"world {world.world_size} · {cfg.prompts_per_step} prompts × K={cfg.num_variants} × G={cfg.num_seeds} "
-           f"= {n_global} samples/step · {n_global // world.world_size // cfg.train_micro_batch} micro-batches × "
+           f"= {n_global} samples/step · {max(1, n_global // world.world_size // cfg.train_micro_batch)} micro-batches × "
            f"{num_train_timesteps(cfg)} timesteps per rank")
 
     if cfg.eval_every > 0 and start == 0:
