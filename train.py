@@ -298,6 +298,11 @@ def group_size(cfg):
     return (cfg.num_variants if cfg.anchor else cfg.num_variants - 1) * cfg.num_seeds
 
 
+def micro_batch_size(cfg, n_local):
+    """Samples per training forward on a rank with n_local samples: a larger setting is one micro-batch."""
+    return min(cfg.train_micro_batch, n_local)
+
+
 def validate_config(cfg, world_size):
     """Reject impossible settings with a message naming the key; fill in derived paths. No model loads."""
     def bad(msg):
@@ -316,7 +321,7 @@ def validate_config(cfg, world_size):
     if cfg.prompts_per_step % world_size:
         bad(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the world size {world_size}")
     n_local = cfg.prompts_per_step // world_size * n_group
-    if n_local % cfg.train_micro_batch and cfg.train_micro_batch < n_local:   # larger: one micro-batch of n_local
+    if n_local % micro_batch_size(cfg, n_local):
         bad(f"train_micro_batch={cfg.train_micro_batch} does not divide the {n_local} samples per rank "
             f"(prompts_per_step/world_size × group of {n_group})")
     if n_group % cfg.rollout_micro_batch and cfg.rollout_micro_batch < n_group:
@@ -759,7 +764,7 @@ def nft_update(run, step, groups, perturbed, slots, r):
     prompt_of = torch.cat([torch.full((len(g.latents),), i, dtype=torch.long) for i, g in enumerate(groups)])
     sample_ids = torch.cat([torch.arange(len(g.latents)) + slot * group_size(cfg) for g, slot in zip(groups, slots)])
     sigmas = sample.sigma_schedule(cfg.train_sample_steps)[:-1]    # the sampler's own grid, σ > 0
-    n_t, mb = num_train_timesteps(cfg), min(cfg.train_micro_batch, len(x0_all))
+    n_t, mb = num_train_timesteps(cfg), micro_batch_size(cfg, len(x0_all))
     n_micro = len(x0_all) // mb * n_t
     sums = {}
     model.train()
@@ -897,8 +902,9 @@ def train(cfg_dict):
     start = restore_checkpoint(run) if cfg.resume else 0
     logger = Logger(cfg, world, start)
     n_global = cfg.prompts_per_step * group_size(cfg)
+    n_local = n_global // world.world_size
     print0(f"world {world.world_size} · {cfg.prompts_per_step} prompts × K={cfg.num_variants} × G={cfg.num_seeds} "
-           f"= {n_global} samples/step · {max(1, n_global // world.world_size // cfg.train_micro_batch)} micro-batches × "
+           f"= {n_global} samples/step · {n_local // micro_batch_size(cfg, n_local)} micro-batches × "
            f"{num_train_timesteps(cfg)} timesteps per rank")
 
     if cfg.eval_every > 0 and start == 0:
