@@ -464,7 +464,7 @@ def main(argv=None):
     if args.num_variants > 1:
         import perturb
         perturbed = perturb.learn_perturbations(text, [args.prompt], num_variants=args.num_variants, seed=args.seed,
-                                                delta_max=args.delta_max or perturb.DELTA_MAX)
+                                                delta_max=perturb.DELTA_MAX if args.delta_max is None else args.delta_max)
         s = perturbed.stats
         if "cos_to_anchor" in s:
             print(f"variants: cos to the original prompt {[round(float(c), 3) for c in torch.as_tensor(s['cos_to_anchor']).flatten()]}")
