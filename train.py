@@ -144,7 +144,7 @@ dtype = "float16"           # autocast dtype on GPU: float16 (GradScaler) / bflo
 grad_checkpointing = False
 rollout_micro_batch = 64    # samples per no-grad forward: sampler (one group at most), v_old/v_ref, evaluation
 train_micro_batch = 64      # samples per training forward (accumulated to the full batch). On the world's 2 cores,
-                            # 64 and 64 instead of 8 and 4: update 2.6 → 1.3 s a step, evaluation 16 → 11 s
+                            # 64 and 64 instead of 8 and 4: update 2.6 → 1.3 s a step, start-up + one evaluation 21 → 16 s
 max_skipped_steps = 10      # abort after this many consecutive non-finite steps
 seed = 42
 # -----------------------------------------------------------------------------
