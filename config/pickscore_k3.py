@@ -15,7 +15,7 @@ reward_paths = {}
 eval_reward = ""                          # = reward
 resolution = 512
 delta_max = 0.05                          # ‖δ‖max, Table 3 (the world's default is scaled to its tiny CLIP)
-emb_steps = 300                           # T_emb, Table 3 (the world needs only 100)
+emb_steps = 300                           # T_emb, Table 3 (the world needs only 50)
 num_variants = 3
 num_seeds = 8
 prompts_per_step = 48
