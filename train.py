@@ -89,7 +89,7 @@ train_prompts = "data/shapes/train.jsonl"   # GenEval-format jsonl (key "prompt"
 eval_prompts = "data/shapes/test.jsonl"
 eval_num_prompts = 0        # first N held-out prompts (0 = all)
 eval_num_images = 16        # images per held-out prompt (noise keyed by prompt and image, not by seed); at 4 the
-                            # score of one policy had a std of ≈0.015 over noise draws, as large as a run's gain
+                            # score of one policy had a std of ≈0.015 over noise draws (a run's gain: ≈0.04)
 reward = "shapes_soft"      # "name" or "name:weight,name:weight" (reward.py); the world trains on the GenEval
                             # partial score averaged over detection thresholds (dense), and evaluates GenEval's
 reward_paths = {}           # local model folders, e.g. {"pickscore": "/models/PickScore_v1"}

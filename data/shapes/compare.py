@@ -22,9 +22,9 @@ reward, mean intra-group reward std, zero-std ratio; one line per method).
     python data/shapes/compare.py --smoke --seeds 0 --jobs 1 --out out-compare-smoke   # 1 tiny step each
     python data/shapes/compare.py --set learning_rate=1e-4 eval_num_prompts=32           # any train.py key
 
-Time: each run is one `python train.py` on this world. With --jobs 2 each run gets one core: with train.py's
-micro-batches of 8 and 4 an E²PO run took ≈12 min and a DiffusionNFT run ≈10.5 min (the default sweep, 3 seeds ×
-2 methods, 37 min; all four methods about twice that); with the present 64 and 64, E²PO seed 0 took 9 min.
+Time: each run is one `python train.py` on this world. With --jobs 2 each run gets one core: at the present
+defaults (timestep_fraction 0.99, emb_steps 50) an E²PO run took ≈14 min and a DiffusionNFT run ≈13 min (the
+default sweep, 3 seeds × 2 methods, 42 min; all four methods about twice that).
 
 Where this departs from the paper: a 64² world and a tiny pretrained MMDiT instead of SD3.5-M on 8 GPUs
 (80 steps of 16 prompts instead of 300–850 of 48); both methods get the same N (the paper's DiffusionNFT
