@@ -713,7 +713,12 @@ def test_loss_decreases_and_reaches_anchor_band(text_stack):
     # cos μ−ε only while λ_div·2μ/(K−2) < 1 (see perturb.py); with Table 3's λ_div = 50 diversity wins until the
     # norm bound binds.
     # The tiny tower also needs larger steps and a looser norm bound than CLIP-L to move its pooled embedding that far.
-    out = learn_perturbations(text_stack["te"], TEXT_PROMPTS, num_variants=6, steps=300, lr=3e-2, delta_max=4.0, lambda_div=0.5)
+    # With a constant step Adam never settles on the band's edge (an L1 kink): each variant oscillates about
+    # μ − ε = 0.79 with an amplitude that grows with lr, and where in its swing it stops depends on float rounding
+    # (MKL's instruction-set path). Over seeds 0-5 (here) the lowest variant ended at 0.7855 with lr 3e-2 (an Intel
+    # AVX-512 run: 0.7828), 0.7870 with 1e-2 and 0.7887 with 3e-3. At 3e-3 the 0.005 slack below is 4× that swing.
+    out = learn_perturbations(text_stack["te"], TEXT_PROMPTS, num_variants=6, steps=600, lr=3e-3, delta_max=4.0,
+                              lambda_div=0.5)
     st = out.stats
     hist = st["L_emb_history"]
     assert (st["L_emb"] < hist[0] - 0.5).all() and (hist[-20:].mean(0) < hist[:20].mean(0)).all()
@@ -1511,7 +1516,10 @@ def test_preprocessing_shapes_and_values():
 def test_preprocessing_matches_hf_clip_processor():
     """Our tensor resize/crop/normalise vs transformers' PIL CLIP processor (PIL rounds to uint8 after resizing)."""
     from PIL import Image
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    try:                      # transformers >= 5.x names the PIL processor apart from the torchvision one
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    except ImportError:       # older: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessor as CLIPImageProcessorPil
     x = F.interpolate(torch.rand(1, 3, 6, 8, generator=torch.Generator().manual_seed(0)), size=(60, 80), mode="bilinear")
     arr = (x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
