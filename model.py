@@ -1066,7 +1066,13 @@ def save_lora(module, path, adapter="policy"):
             out[f"{key}.lora_A.weight"] = A[j * rank:(j + 1) * rank].float().contiguous().cpu()
             out[f"{key}.lora_B.weight"] = (B[j].float() * s).contiguous().cpu()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(out, path, metadata={"format": "pt", "e2po_rank": str(rank), "e2po_alpha": repr(alpha)})
+    tmp = f"{path}.tmp"          # atomic: a crash mid-write never leaves a truncated LoRA under the real name
+    try:
+        save_file(out, tmp, metadata={"format": "pt", "e2po_rank": str(rank), "e2po_alpha": repr(alpha)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _diffusers_lora_alpha(meta, path):

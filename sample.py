@@ -441,6 +441,12 @@ def main(argv=None):
                          f"{te_path} is not one: pass --text_encoders")
     if args.lora and not Path(args.lora).is_file():
         raise FileNotFoundError(f"--lora not found: {args.lora}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"--out {out} is not writable")
     # default world: its render size (its transformer config's sample_size is the pos-embed grid, not the training size)
     size = args.size or (WORLD_SIZE if weights.resolve() == DEFAULT_WEIGHTS else native_size(weights) or 512)
 
@@ -506,8 +512,6 @@ def main(argv=None):
             images = vae.decode(latents).float()
         ncols, names = min(N, 4), [f"k0_g{g}" for g in range(N)]
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for img, name in zip(images, names):
         _to_pil(img).save(out / f"{name}.png")
     save_grid(images, out / "grid.png", ncols=ncols if args.num_variants > 1 else min(len(images), 4))

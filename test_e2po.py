@@ -399,6 +399,22 @@ NFT_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to
                "attn.to_q", "attn.to_v"]  # DiffusionNFT's peft target_modules
 
 
+def test_lora_save_is_atomic(dual_case, tmp_path, monkeypatch):
+    """A write that dies midway leaves the previous LoRA file whole and no temporary behind."""
+    m = model.load_mmdit(dual_case[2] / "pipe")
+    model.add_lora(m, rank=4, alpha=8, adapter="policy", seed=0)
+    path = tmp_path / "lora.safetensors"
+    model.save_lora(m, str(path))
+    good = path.read_bytes()
+    def dies(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise OSError("disk full")
+    monkeypatch.setattr(model, "save_file", dies)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_lora(m, str(path))
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]
+
+
 @pytest.mark.parametrize("targets", [NFT_TARGETS, ["attn.to_q", "attn2.to_out.0"]])
 def test_lora_written_by_diffusers(dual_case, tmp_path, targets):
     """A LoRA trained with peft and saved by diffusers (alpha != rank in its metadata) loads into ours exactly,
@@ -1218,7 +1234,7 @@ def _tiny_root(root):
     model.save_diffusers(model.VAE(block_out_channels=(32, 32), latent_channels=16), root / "vae")
 
 
-def test_cli_writes_images(tmp_path, capsys):
+def test_cli_writes_images(tmp_path, capsys, monkeypatch):
     from PIL import Image
     _tiny_root(tmp_path / "root")
     out = tmp_path / "out"
@@ -1233,6 +1249,12 @@ def test_cli_writes_images(tmp_path, capsys):
         S.main(["--prompt", "x", "--weights", str(tmp_path / "missing")])
     with pytest.raises(ValueError, match="prompt"):
         S.main(["--prompt", "  ", "--weights", str(tmp_path / "root")])
+    (tmp_path / "afile").write_text("x")
+    loads = []
+    monkeypatch.setattr(S, "_load_model_lib", lambda: loads.append(1))      # the check comes before any loading
+    with pytest.raises(NotADirectoryError, match="afile is a file"):
+        S.main(["--prompt", "x", "--weights", str(tmp_path / "root"), "--out", str(tmp_path / "afile")])
+    assert not loads
 
 
 def test_cli_reads_the_default_world_with_its_eight_zero_t5_tokens(tmp_path, monkeypatch):
