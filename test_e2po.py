@@ -2366,6 +2366,13 @@ sys.path.insert(0, {repo!r})
 import torch
 import reward, test_e2po, train
 reward.build = test_e2po.fake_reward_build
+if os.environ.get("INF_ON_RANK") == os.environ.get("RANK", "0"):    # this rank's first step gets an infinite loss
+    real, calls = train.nft_loss, []
+    def inf_first_step(*a, **k):
+        loss, terms = real(*a, **k)
+        calls.append(1)
+        return (loss * float("inf") if len(calls) == 1 else loss), terms
+    train.nft_loss = inf_first_step
 from configurator import configure
 run = train.train(configure(train.config_defaults(), sys.argv[1:]))
 import model
@@ -2604,6 +2611,27 @@ def test_e2e_ddp_two_processes_equal_one(tiny_root, tmp_path):
                 assert math.isclose(x[k], y[k], rel_tol=1e-4, abs_tol=1e-7), (k, x[k], y[k])
 
 
+def test_e2e_ddp_inf_on_one_rank_skips_the_step_on_every_rank(tiny_root, tmp_path):
+    """float16 + GradScaler across 2 processes: rank 1's first step is infinite. Gradients are all-reduced before
+    unscale_, so rank 0 skips that step too (same weights on both ranks, the scale halved once)."""
+    wrapper = tmp_path / "run_train.py"
+    wrapper.write_text(WRAPPER.format(repo=REPO))
+    args = [f"--weights={tiny_root}", "--resolution=64", "--prompts_per_step=2", "--num_variants=2", "--num_seeds=2",
+            "--emb_steps=3", "--train_sample_steps=3", "--rollout_micro_batch=4", "--train_micro_batch=2",
+            "--lora_rank=4", "--lora_alpha=8.0", "--max_steps=2", "--device=cpu", "--eval_every=0",
+            "--log_images_every=0", "--dtype=float16", f"--out_dir={tmp_path / 'two'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "INF_ON_RANK": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+                          str(wrapper), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = train.read_log(str(tmp_path / "two" / "log.jsonl"))          # rank 0's log: its own loss was finite
+    assert [r["skipped"] for r in rows] == [True, False]
+    r0 = torch.load(tmp_path / "two" / "rank0_policy.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "two" / "rank1_policy.pt", weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(r0, r1))
+    assert train.load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))["scaler"]["scale"] == 2.0 ** 15
+
+
 def test_e2e_grad_checkpointing_same_step(tiny_root, tmp_path, fake_reward):
     over = dict(max_steps=1, eval_every=0, log_images_every=0, adam_eps=1.0, learning_rate=1.0)
     train.train(tiny_config(tiny_root, tmp_path / "plain", **over))
@@ -2623,6 +2651,98 @@ def test_e2e_nonfinite_steps_skip_then_abort(tiny_root, tmp_path, fake_reward, m
     assert rows and all(r["skipped"] for r in rows)
     ad = adapters_of(tmp_path)["policy"]          # the step-1 checkpoint: the policy never moved
     assert all(v.abs().sum() == 0 for k, v in ad.items() if k.endswith("lora_B"))
+
+
+def test_train_grad_clip_zero_disables_clipping(tiny_root, tmp_path, fake_reward):
+    """grad_clip = 0 means no clipping (nanoGPT): the step equals one with a bound no gradient reaches."""
+    over = dict(max_steps=1, eval_every=0, log_images_every=0, learning_rate=1.0)
+    train.train(tiny_config(tiny_root, tmp_path / "off", grad_clip=0.0, **over))
+    train.train(tiny_config(tiny_root, tmp_path / "huge", grad_clip=1e30, **over))
+    a, b = adapters_of(tmp_path / "off")["policy"], adapters_of(tmp_path / "huge")["policy"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith("lora_B"))
+
+
+def test_train_new_run_refuses_an_existing_runs_out_dir(tiny_root, tmp_path, fake_reward):
+    over = dict(max_steps=1, eval_every=0, log_images_every=0)
+    train.train(tiny_config(tiny_root, tmp_path, **over))
+    before = {f: (tmp_path / f).read_bytes() for f in train.RUN_FILES}
+    with pytest.raises(FileExistsError, match="--resume=True.*another --out_dir"):
+        train.train(tiny_config(tiny_root, tmp_path, **over))
+    out = subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path}", "--weights=/nonexistent"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "does not exist" in out.stderr
+    assert {f: (tmp_path / f).read_bytes() for f in train.RUN_FILES} == before     # nothing of the run changed
+
+
+def test_train_resume_applies_mutable_settings_and_refuses_the_rest(tiny_root, tmp_path, fake_reward, capsys):
+    over = dict(eval_every=0, log_images_every=0)
+    train.train(tiny_config(tiny_root, tmp_path, max_steps=1, **over))
+    ckpt_bytes = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"(?s)num_seeds: 2 in the checkpoint, 4 now.*seed: 42 in the checkpoint, 7"):
+        train.train(tiny_config(tiny_root, tmp_path, max_steps=2, resume=True, num_seeds=4, seed=7, **over))
+    assert (tmp_path / "ckpt.pt").read_bytes() == ckpt_bytes
+    capsys.readouterr()
+    train.train(tiny_config(tiny_root, tmp_path, max_steps=2, resume=True, learning_rate=0.1, **over))
+    assert "learning_rate 0.01 → 0.1" in capsys.readouterr().out
+    rows = train.read_log(str(tmp_path / "log.jsonl"))
+    assert [r["lr"] for r in rows] == [0.01, 0.1]                                   # the new lr is the one used
+    assert json.load(open(tmp_path / "config.json"))["learning_rate"] == 0.1
+    run = train.train(tiny_config(tiny_root, tmp_path, max_steps=3, resume=True, learning_rate=0.1, seed=7,
+                                  resume_override=True, **over))
+    assert run.cfg.seed == 7 and [r["step"] for r in train.read_log(str(tmp_path / "log.jsonl"))] == [1, 2, 3]
+
+
+def test_train_damaged_files_name_themselves(tiny_root, tmp_path, fake_reward, capsys):
+    over = dict(eval_every=0, log_images_every=0)
+    train.train(tiny_config(tiny_root, tmp_path, max_steps=2, **over))
+    log = tmp_path / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "rew')                  # killed while writing step 3's line
+    (tmp_path / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")          # ... and while saving its checkpoint
+    train.train(tiny_config(tiny_root, tmp_path, max_steps=3, resume=True, **over))
+    assert [r["step"] for r in train.read_log(str(log))] == [1, 2, 3] and not (tmp_path / "ckpt.pt.tmp").exists()
+    assert "partial last line" in capsys.readouterr().err
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])                            # a truncated copy
+    with pytest.raises(RuntimeError, match=f"cannot read the checkpoint {ckpt}"):
+        train.train(tiny_config(tiny_root, tmp_path, max_steps=4, resume=True, **over))
+    with pytest.raises(ValueError, match="log.jsonl:1: not a JSON line"):
+        log.write_text("garbage\n" + log.read_text())
+        train.read_log(str(log))
+
+
+def test_train_txt_prompts_with_a_metadata_reward_fail_before_loading(tiny_root, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a red circle\n")
+    with pytest.raises(ValueError, match="reward 'shapes_soft' scores GenEval metadata.*p.txt has none"):
+        train.validate_config(train.SimpleNamespace(**tiny_config(tiny_root, tmp_path / "o", train_prompts=str(prompts))), 1)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_train_mixed_precision_path_runs_on_cpu(tiny_root, tmp_path, fake_reward, monkeypatch, dtype):
+    """The GPU's path (autocast, GradScaler for float16, unscale before clip, the skip counter) on the CPU: the first
+    step's loss is made infinite, so float16 skips it and halves the scale; the second step trains."""
+    real, calls = train.nft_loss, []
+    def first_step_inf(*a, **k):
+        loss, terms = real(*a, **k)
+        calls.append(1)
+        return (loss * float("inf"), terms) if len(calls) <= 2 else (loss, terms)   # micro-steps of step 1
+    monkeypatch.setattr(train, "nft_loss", first_step_inf)
+    run = train.train(tiny_config(tiny_root, tmp_path, dtype=dtype, max_steps=2, eval_every=2, log_images_every=0,
+                                  train_micro_batch=4, timestep_fraction=0.67))
+    assert run.model.x_embedder.proj.weight.dtype == torch.float32          # float32 master weights
+    assert run.vae.dtype == torch.float32 if dtype == "float32" else run.vae.dtype == train.DTYPES[dtype]
+    rows = train.read_log(str(tmp_path / "log.jsonl"))
+    assert [r.get("skipped") for r in rows[1:]] == [True, False]
+    scaler = train.load_checkpoint(str(tmp_path / "ckpt.pt"))["scaler"]
+    if dtype == "float16":
+        assert run.scaler.is_enabled() and scaler["scale"] == 2.0 ** 16 / 2           # halved once, by the skip
+    else:
+        assert not run.scaler.is_enabled()
+    ad = adapters_of(tmp_path)["policy"]
+    assert all(torch.isfinite(v).all() for v in ad.values())
+    assert any(v.abs().sum() > 0 for k, v in ad.items() if k.endswith("lora_B"))       # step 2 trained
+    assert math.isfinite(rows[-1]["eval_reward"])
 
 
 # ==============================================================================================================

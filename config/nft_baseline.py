@@ -3,8 +3,8 @@
 # Match max_steps to the E²PO run you compare against (the paper fixes total optimization steps).
 weights = "/models/stable-diffusion-3.5-medium"
 use_t5 = True
-max_sequence_length = 256                 # T5 tokens, as diffusers
-train_prompts = "data/geneval/train_metadata.jsonl"
+max_sequence_length = 128                 # T5 tokens: DiffusionNFT trains and evaluates with 128
+train_prompts = "data/geneval/train_metadata.jsonl"   # GenEval jsonl from Flow-GRPO's dataset/geneval/ (README)
 eval_prompts = "data/geneval/test_metadata.jsonl"
 eval_num_prompts = 0
 eval_num_images = 1
@@ -26,6 +26,6 @@ max_steps = 850
 eval_every = 50
 save_every = 50
 log_images_every = 50
-dtype = "float16"
+dtype = "float16"                         # autocast with a GradScaler; the MMDiT keeps float32 weights
 grad_checkpointing = True
 out_dir = "out-nft-baseline"
