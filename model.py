@@ -860,6 +860,22 @@ def load_vae(path, dtype=torch.float32, device="cpu") -> VAE:
                  vae_to_diffusers, lambda s: VAE(**vae_config_from_state_dict(s)), "VAE", dtype, device)
 
 
+def pixels_per_token(path):
+    """Image pixels per MMDiT token side, VAE factor × patch size, read from the safetensors headers of `path` (a
+    pipeline root or the original single file) without loading a tensor: 16 for SD3.5. ValueError on unreadable files."""
+    def header(subfolder):
+        return _read_header(_weight_files(path, subfolder))
+    mmdit = {k[len(MMDIT_PREFIX):] if k.startswith(MMDIT_PREFIX) else k: v for k, v in header("transformer").items()}
+    patch_key = next((k for k in ("x_embedder.proj.weight", "pos_embed.proj.weight") if k in mmdit), None)
+    if patch_key is None:
+        raise ValueError(f"{path}: no MMDiT patch embedding (x_embedder.proj.weight / pos_embed.proj.weight)")
+    vae = {k[len(VAE_PREFIX):] if k.startswith(VAE_PREFIX) else k: v for k, v in header("vae").items()}
+    levels = {k.split(".")[2] for k in vae if k.startswith(("encoder.down.", "encoder.down_blocks."))}
+    if not levels:
+        raise ValueError(f"{path}: no VAE encoder levels (encoder.down.* / encoder.down_blocks.*)")
+    return 2 ** (len(levels) - 1) * mmdit[patch_key][1][-1]
+
+
 def save_diffusers(module, folder, sample_size=None):
     """Write an MMDiT or VAE as a diffusers folder (config.json + diffusion_pytorch_model.safetensors)."""
     sd = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items() if ".lora_" not in k}

@@ -850,6 +850,8 @@ REQUIRED_PATHS = {   # checked for every named reward before any model loads
     "shapes_soft": [],
 }
 
+NEEDS_METADATA = {"geneval", "shapes", "shapes_soft"}   # score GenEval metadata ("tag", "include"), not only the text
+
 
 def parse_spec(spec) -> dict[str, float]:
     """"name" -> {name: 1.0}; {name: weight} validated."""

@@ -2209,15 +2209,13 @@ def test_presets_apply_and_shapes_equals_defaults():
         assert train.group_size(ns) % cfg["rollout_micro_batch"] == 0
 
 
-def cfg_for(tmp_path, **over):
-    """A config whose files exist (a fake weights folder), for validation tests."""
-    weights = tmp_path / "w"
-    (weights / "transformer").mkdir(parents=True, exist_ok=True)
-    (weights / "transformer" / "config.json").write_text(json.dumps({"sample_size": 12}))
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red circle\na blue square\n")
-    base = {**train.config_defaults(), "weights": str(weights), "train_prompts": str(prompts),
-            "eval_prompts": str(prompts), "out_dir": str(tmp_path / "out")}
+def cfg_for(tmp_path, root, **over):
+    """A config for validation tests: the tiny pipeline's weights, two text prompts, out_dir under tmp_path."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"tag": "single_object", "include": [{"class": c, "count": 1}],
+                                           "prompt": f"a photo of a {c}"}) + "\n" for c in ("circle", "square")))
+    base = {**train.config_defaults(), "weights": root, "train_prompts": str(prompts), "eval_prompts": str(prompts),
+            "out_dir": str(tmp_path / "out")}
     return train.SimpleNamespace(**{**base, **over})
 
 
@@ -2232,39 +2230,55 @@ def cfg_for(tmp_path, **over):
     ({"decay_type": 3}, 1, "decay_type"),
     ({"schedule": "linear"}, 1, "schedule"),
     ({"resolution": 100}, 1, "multiple of 16"),
+    ({"resolution": 40}, 1, "resolution=40 must be a multiple of 16 .the VAE factor × the patch size"),
     ({"reward": "nonsense"}, 1, "unknown reward"),
+    ({"grad_clip": -1.0}, 1, "grad_clip must be >= 0"),
+    ({"learning_rate": float("inf")}, 1, "learning_rate=inf is not a finite number"),
+    ({"learning_rate": 0.0}, 1, "learning_rate must be > 0"),
+    ({"mu": 1.0}, 1, "mu .* must be in"),
+    ({"lora_alpha": 0.0}, 1, "lora_alpha must be > 0"),
+    ({"kl_beta": -1e-4}, 1, "kl_beta must be >= 0"),
+    ({"eval_every": -1}, 1, "eval_every must be >= 0"),
+    ({"save_every": -5}, 1, "save_every must be >= 0"),
+    ({"emb_lr": 0.0}, 1, "emb_lr must be > 0"),
+    ({"delta_max": float("nan")}, 1, "delta_max=nan is not a finite number"),
+    ({"rho": 1.5}, 1, "rho must be in"),
+    ({"beta2": 1.0}, 1, "beta2 must be in"),
+    ({"mmdit_dtype": "float16"}, 1, "mmdit_dtype='float16' needs autocast"),
 ])
-def test_validation_rejects_bad_settings(tmp_path, over, world, match):
+def test_validation_rejects_bad_settings(tmp_path, tiny_root, over, world, match):
     with pytest.raises(ValueError, match=match):
-        train.validate_config(cfg_for(tmp_path, **over), world)
+        train.validate_config(cfg_for(tmp_path, tiny_root, **over), world)
 
 
-def test_validation_takes_micro_batches_larger_than_the_batch_as_one(tmp_path):
+def test_validation_takes_micro_batches_larger_than_the_batch_as_one(tmp_path, tiny_root):
     # 1 prompt × K·G = 8 samples: the default micro-batches (64) are one micro-batch, 3 does not divide 8
-    train.validate_config(cfg_for(tmp_path, prompts_per_step=1), 1)
+    train.validate_config(cfg_for(tmp_path, tiny_root, prompts_per_step=1), 1)
     with pytest.raises(ValueError, match="train_micro_batch=3 does not divide the 8 samples"):
-        train.validate_config(cfg_for(tmp_path, prompts_per_step=1, train_micro_batch=3), 1)
+        train.validate_config(cfg_for(tmp_path, tiny_root, prompts_per_step=1, train_micro_batch=3), 1)
 
 
-def test_validation_files(tmp_path):
-    cfg = train.validate_config(cfg_for(tmp_path, resolution=0), 2)
-    assert cfg.resolution == 96 and len(cfg.train_items) == 2       # native size read from transformer/config.json
+def test_validation_files(tmp_path, tiny_root):
+    cfg = train.validate_config(cfg_for(tmp_path, tiny_root, resolution=0), 2)
+    assert cfg.resolution == 64 and len(cfg.train_items) == 2       # native size read from transformer/config.json
     with pytest.raises(FileNotFoundError, match="weights"):
-        train.validate_config(cfg_for(tmp_path, weights=str(tmp_path / "missing")), 1)
+        train.validate_config(cfg_for(tmp_path, tiny_root, weights=str(tmp_path / "missing")), 1)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="empty"):
-        train.validate_config(cfg_for(tmp_path, train_prompts=str(empty)), 1)
+        train.validate_config(cfg_for(tmp_path, tiny_root, train_prompts=str(empty)), 1)
     nojson = tmp_path / "bad.jsonl"
     nojson.write_text('{"tag": "x"}\n')
     with pytest.raises(ValueError, match="prompt"):
-        train.validate_config(cfg_for(tmp_path, train_prompts=str(nojson)), 1)
+        train.validate_config(cfg_for(tmp_path, tiny_root, train_prompts=str(nojson)), 1)
     with pytest.raises(FileNotFoundError, match="pickscore"):
-        train.validate_config(cfg_for(tmp_path, reward="pickscore"), 1)
+        train.validate_config(cfg_for(tmp_path, tiny_root, reward="pickscore"), 1)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        train.validate_config(cfg_for(tmp_path, reward_paths={"clip_l": str(tmp_path / "nope")}), 1)
+        train.validate_config(cfg_for(tmp_path, tiny_root, reward_paths={"clip_l": str(tmp_path / "nope")}), 1)
     with pytest.raises(FileNotFoundError, match="resume"):
-        train.validate_config(cfg_for(tmp_path, resume=True), 1)
+        train.validate_config(cfg_for(tmp_path, tiny_root, resume=True), 1)
+    with pytest.raises(FileNotFoundError, match="not shipped: GenEval metadata jsonl.*dataset/geneval/"):
+        train.validate_config(cfg_for(tmp_path, tiny_root, train_prompts="data/geneval/train_metadata.jsonl"), 1)
     assert train.parse_reward_spec("geneval:0.7,pickscore") == {"geneval": 0.7, "pickscore": 1.0}
 
 

@@ -49,7 +49,8 @@ Where this departs from the paper / DiffusionNFT's code
   policy forwards; v_ref is skipped when kl_beta = 0.
 - The old adapter decays with the number of optimizer steps taken (= DiffusionNFT's global_step), as
   does the EMA warm-up.
-- On CPU everything runs in float32 whatever `dtype` says (autocast/GradScaler are for GPUs).
+- dtype applies on CPU too (torch autocasts and scales there), so the CPU tests run the mixed-precision path a GPU
+  runs; the world defaults to float32, the SD3.5 presets to float16 autocast over float32 MMDiT weights.
 """
 
 import hashlib
@@ -72,7 +73,8 @@ from tqdm import tqdm
 # default config: the shapes world (config/shapes.py repeats these values)
 # I/O
 out_dir = "out"
-resume = False              # continue from out_dir/ckpt.pt
+resume = False              # continue from out_dir/ckpt.pt (a new run refuses an out_dir that holds one)
+resume_override = False     # resume even where settings that define the run (K, G, reward, seed, ...) changed
 eval_every = 40             # evaluate held-out prompts every N steps (0 = never)
 save_every = 40             # checkpoint every N steps (and at the end)
 log_images_every = 40       # save one rollout group as a grid every N steps (0 = never)
@@ -128,7 +130,7 @@ weight_decay = 1e-4
 beta1 = 0.9
 beta2 = 0.999
 adam_eps = 1e-8
-grad_clip = 1.0
+grad_clip = 1.0             # max gradient norm; 0 = no clipping (the norm is still logged)
 nft_beta = 1.0              # β: v± = v_old ± β(v_θ − v_old)
 kl_beta = 1e-4              # β_kl, KL to the reference (LoRA off)
 adv_clip_max = 5.0          # A_max
@@ -142,7 +144,9 @@ ema_decay = 0.9
 max_steps = 80
 # system
 device = ""                 # "" = cuda if available else cpu
-dtype = "float16"           # autocast dtype on GPU: float16 (GradScaler) / bfloat16 / float32; CPU runs float32
+dtype = "float32"           # compute: float32, or autocast float16 (with a GradScaler) / bfloat16, on GPU and CPU
+mmdit_dtype = "float32"     # frozen MMDiT weights under autocast: float32 master weights, as DiffusionNFT (a float32
+                            # residual stream); float16 / bfloat16 halve its memory. VAE and text encoders use dtype
 grad_checkpointing = False
 rollout_micro_batch = 64    # samples per no-grad forward: sampler (one group at most), v_old/v_ref, evaluation
 train_micro_batch = 64      # samples per training forward (accumulated to the full batch). On the world's 2 cores,
@@ -266,12 +270,22 @@ def resolve_path(path):
     return alt if os.path.exists(alt) else path
 
 
+# prompt sets the presets name but the repo does not ship (README: prompt sets)
+PROMPT_SOURCES = {
+    os.path.join("data", "geneval"): "GenEval metadata jsonl: copy train_metadata.jsonl and test_metadata.jsonl (GenEval's "
+                                     "553 prompts) from dataset/geneval/ of github.com/yifan123/flow_grpo (DiffusionNFT "
+                                     "ships the same files)",
+    os.path.join("data", "pickscore"): "one prompt a line: copy train.txt and test.txt from dataset/pickscore/ of "
+                                       "github.com/yifan123/flow_grpo (DiffusionNFT ships the same files)"}
+
+
 def read_prompts(path):
     """GenEval-format jsonl (one object with "prompt" per line) or .txt (one prompt per line) →
     list of metadata dicts, each with "prompt"."""
     path = resolve_path(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file {path!r} does not exist")
+        where = next((f"; it is not shipped: {how}" for d, how in PROMPT_SOURCES.items() if d in os.path.normpath(path)), "")
+        raise FileNotFoundError(f"prompt file {path!r} does not exist{where}")
     items = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -305,16 +319,77 @@ def micro_batch_size(cfg, n_local):
     return min(cfg.train_micro_batch, n_local)
 
 
+# settings a resumed run may change (applied from the step it resumes at); any other difference from the checkpoint's
+# settings changes what the run is, and resume refuses it unless resume_override=True
+RESUMABLE_CHANGES = {
+    "out_dir", "resume", "resume_override", "max_steps", "learning_rate", "weight_decay", "beta1", "beta2", "adam_eps",
+    "grad_clip", "eval_every", "save_every", "log_images_every", "grid_prompts", "wandb_log", "wandb_project",
+    "wandb_run_name", "eval_prompts", "eval_num_prompts", "eval_num_images", "eval_reward", "eval_sample_steps",
+    "eval_solver", "device", "grad_checkpointing", "rollout_micro_batch", "train_micro_batch", "max_skipped_steps",
+    "reward_paths"}
+RUN_FILES = ("ckpt.pt", "log.jsonl", "config.json", "lora_policy.safetensors", "lora_ema.safetensors")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_numbers(cfg, bad):
+    """Every numeric setting finite and in its range, before anything is read or loaded."""
+    for key in CONFIG_KEYS:
+        value = getattr(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            bad(f"{key}={value} is not a finite number")
+    at_least = {1: ("num_variants", "num_seeds", "prompts_per_step", "train_sample_steps", "eval_sample_steps",
+                    "eval_num_images", "rollout_micro_batch", "train_micro_batch", "lora_rank", "max_skipped_steps"),
+                0: ("max_steps", "emb_steps", "eval_every", "save_every", "log_images_every", "grid_prompts",
+                    "eval_num_prompts", "resolution", "seed", "weight_decay", "grad_clip", "kl_beta", "sigma_init",
+                    "lambda_div", "anchor_margin")}
+    for low, keys in at_least.items():
+        for key in keys:
+            if getattr(cfg, key) < low:
+                bad(f"{key} must be >= {low}, got {getattr(cfg, key)}")
+    for key in ("learning_rate", "adam_eps", "lora_alpha", "nft_beta", "adv_clip_max", "emb_lr", "delta_max"):
+        if not getattr(cfg, key) > 0:
+            bad(f"{key} must be > 0, got {getattr(cfg, key)}")
+    for key, lo, hi, text in (("beta1", 0, 1, "[0, 1)"), ("beta2", 0, 1, "[0, 1)"), ("ema_decay", 0, 1, "[0, 1)")):
+        if not lo <= getattr(cfg, key) < hi:
+            bad(f"{key} must be in {text}, got {getattr(cfg, key)}")
+    if not -1 < cfg.mu < 1:
+        bad(f"mu (the anchor cosine) must be in (-1, 1), got {cfg.mu}")
+    if not 0 < cfg.rho <= 1:
+        bad(f"rho must be in (0, 1], got {cfg.rho}")
+    if not 0 < cfg.timestep_fraction <= 1 or num_train_timesteps(cfg) < 1:
+        bad(f"timestep_fraction={cfg.timestep_fraction} leaves no training timestep of {cfg.train_sample_steps}")
+
+
+def check_out_dir(cfg):
+    """A new run never writes into another run's out_dir; a resumed run needs a readable checkpoint there, and
+    settings that define the run must match it (unless resume_override). Returns the checkpoint (or None)."""
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
+    if not cfg.resume:
+        if found:
+            raise FileExistsError(
+                f"config: out_dir {cfg.out_dir!r} already holds a run ({', '.join(found)}). Continue it with "
+                f"--resume=True, or start over with another --out_dir (or delete {cfg.out_dir} yourself); "
+                "nothing there was changed")
+        return None
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config: resume=True but {path} does not exist")
+    ckpt = load_checkpoint(path)
+    old, new = ckpt.get("config", {}), config_to_json(cfg)
+    changed = {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v and k not in RESUMABLE_CHANGES}
+    if changed and not cfg.resume_override:
+        lines = "\n".join(f"  {k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in sorted(changed.items()))
+        raise ValueError(f"config: resume would change settings that define the run in {cfg.out_dir}:\n{lines}\n"
+                         "Use the checkpoint's values, or pass --resume_override=True to resume with these anyway")
+    return ckpt
+
+
 def validate_config(cfg, world_size):
-    """Reject impossible settings with a message naming the key; fill in derived paths. No model loads."""
+    """Reject impossible settings with a message naming the key; fill in derived paths and read the prompts (and,
+    for resume=True, the checkpoint into cfg.checkpoint). No model loads and nothing is written."""
     def bad(msg):
         raise ValueError(f"config: {msg}")
-    for key in ("num_variants", "num_seeds", "prompts_per_step", "train_sample_steps", "eval_sample_steps",
-                "eval_num_images", "rollout_micro_batch", "train_micro_batch", "lora_rank", "max_skipped_steps"):
-        if getattr(cfg, key) < 1:
-            bad(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.max_steps < 0 or cfg.emb_steps < 0:
-        bad("max_steps and emb_steps must be >= 0")
+    check_numbers(cfg, bad)
     if not cfg.anchor and cfg.num_variants < 2:
         bad("anchor=False drops C_orig from the group, so it needs num_variants >= 2")
     n_group = group_size(cfg)
@@ -328,10 +403,11 @@ def validate_config(cfg, world_size):
             f"(prompts_per_step/world_size × group of {n_group})")
     if n_group % cfg.rollout_micro_batch and cfg.rollout_micro_batch < n_group:
         bad(f"rollout_micro_batch={cfg.rollout_micro_batch} does not divide the group of {n_group} samples")
-    if not 0 < cfg.timestep_fraction <= 1 or num_train_timesteps(cfg) < 1:
-        bad(f"timestep_fraction={cfg.timestep_fraction} leaves no training timestep of {cfg.train_sample_steps}")
-    if cfg.dtype not in ("float16", "bfloat16", "float32"):
-        bad(f"dtype must be float16, bfloat16 or float32, got {cfg.dtype!r}")
+    for key in ("dtype", "mmdit_dtype"):
+        if getattr(cfg, key) not in DTYPES:
+            bad(f"{key} must be one of {tuple(DTYPES)}, got {getattr(cfg, key)!r}")
+    if cfg.dtype == "float32" and cfg.mmdit_dtype != "float32":
+        bad(f"mmdit_dtype={cfg.mmdit_dtype!r} needs autocast: set dtype to float16 or bfloat16 as well")
     if cfg.schedule not in ("noise_aware", "static"):
         bad(f"schedule must be noise_aware or static, got {cfg.schedule!r}")
     for key in ("train_solver", "eval_solver"):
@@ -339,14 +415,6 @@ def validate_config(cfg, world_size):
             bad(f"{key} must be euler, dpm2m or sde, got {getattr(cfg, key)!r}")
     if cfg.decay_type not in (0, 1, 2):
         bad(f"decay_type must be 0, 1 or 2, got {cfg.decay_type}")
-    if not 0 < cfg.rho <= 1:
-        bad(f"rho must be in (0, 1], got {cfg.rho}")
-    if cfg.nft_beta <= 0 or cfg.adv_clip_max <= 0:
-        bad("nft_beta and adv_clip_max must be > 0")
-    if not 0 <= cfg.ema_decay < 1:
-        bad(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
-    if cfg.resolution and cfg.resolution % 16:
-        bad(f"resolution={cfg.resolution} must be a multiple of 16 (VAE 8× · patch 2)")
     # files
     cfg.weights = resolve_path(cfg.weights) or DEFAULT_WEIGHTS
     if not os.path.exists(cfg.weights):
@@ -356,11 +424,16 @@ def validate_config(cfg, world_size):
         cfg.weights if os.path.isdir(cfg.weights) else os.path.dirname(cfg.weights))
     if not os.path.isdir(cfg.text_encoders):
         raise FileNotFoundError(f"config: text_encoders {cfg.text_encoders!r} is not a pipeline root folder")
+    import model as M   # the safetensors headers only: no tensor is read
     if not cfg.resolution:
         import sample
         cfg.resolution = sample.native_size(cfg.weights) or 0
         if not cfg.resolution:
             bad(f"resolution=0 but the native size cannot be read from {cfg.weights!r}; set --resolution")
+    step = M.pixels_per_token(cfg.weights)
+    if cfg.resolution % step:
+        bad(f"resolution={cfg.resolution} must be a multiple of {step} (the VAE factor × the patch size of "
+            f"{cfg.weights})")
     import reward as R   # light: the reward models load in build_run
     for spec_key in ("reward", "eval_reward"):   # reward.py's own check: its path shortcuts, files and repo ids
         R.check_paths(parse_reward_spec(getattr(cfg, spec_key) or cfg.reward), cfg.reward_paths)
@@ -371,8 +444,15 @@ def validate_config(cfg, world_size):
     cfg.eval_items = read_prompts(cfg.eval_prompts) if cfg.eval_every > 0 else []
     if cfg.eval_num_prompts:
         cfg.eval_items = cfg.eval_items[:cfg.eval_num_prompts]
-    if cfg.resume and not os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt")):
-        raise FileNotFoundError(f"config: resume=True but {os.path.join(cfg.out_dir, 'ckpt.pt')} does not exist")
+    for spec_key, items, file_key in (("reward", cfg.train_items, "train_prompts"),
+                                      ("eval_reward", cfg.eval_items, "eval_prompts")):
+        spec = parse_reward_spec(getattr(cfg, spec_key) or cfg.reward)
+        needs = [n for n in ([spec] if isinstance(spec, str) else spec) if n in R.NEEDS_METADATA]
+        lacking = next((i for i, it in enumerate(items) if "include" not in it), None)
+        if needs and lacking is not None:
+            bad(f"{spec_key} {needs[0]!r} scores GenEval metadata (\"tag\", \"include\" per prompt), but prompt "
+                f"{lacking + 1} of {getattr(cfg, file_key)} has none: use a GenEval-format .jsonl (README: prompt sets)")
+    cfg.checkpoint = check_out_dir(cfg)
     return cfg
 
 
@@ -452,14 +532,13 @@ def prompts_for_step(cfg, step):
 
 
 def precision(cfg, device):
-    """(autocast context factory, weight dtype, GradScaler). CPU runs float32."""
-    if device.type != "cuda" or cfg.dtype == "float32":
-        if device.type != "cuda" and cfg.dtype != "float32":
-            print0(f"note: dtype={cfg.dtype} applies on GPU; this CPU run computes in float32")
-        return nullcontext, torch.float32, torch.amp.GradScaler("cuda", enabled=False)
-    ptdtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.dtype]
-    ctx = lambda: torch.autocast(device_type="cuda", dtype=ptdtype)
-    return ctx, ptdtype, torch.amp.GradScaler("cuda", enabled=cfg.dtype == "float16")
+    """(autocast context factory, dtype of the frozen VAE and text encoders, dtype of the frozen MMDiT, GradScaler).
+    The same code on GPU and CPU (torch autocasts and scales on both), so the CPU tests run the GPU's path."""
+    if cfg.dtype == "float32":
+        return nullcontext, torch.float32, torch.float32, torch.amp.GradScaler(device.type, enabled=False)
+    ptdtype = DTYPES[cfg.dtype]
+    ctx = lambda: torch.autocast(device_type=device.type, dtype=ptdtype)
+    return ctx, ptdtype, DTYPES[cfg.mmdit_dtype], torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
 
 
 def sync(device):
@@ -471,14 +550,24 @@ def sync(device):
 # checkpoints (atomic) and RNG state
 
 def atomic_save(obj, path):
-    """torch.save to path.tmp, then os.replace: a crash never leaves a half-written checkpoint."""
+    """torch.save to path.tmp, then os.replace: a crash never leaves a half-written checkpoint (and a failed write
+    leaves no .tmp behind)."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path, map_location="cpu"):
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """ckpt.pt → dict; a damaged or foreign file is an error that names it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); it is damaged or not a "
+                           "ckpt.pt written by train.py") from None
 
 
 def rng_state():
@@ -515,10 +604,10 @@ def save_checkpoint(run, step):
         atomic_save(ckpt, os.path.join(run.cfg.out_dir, "ckpt.pt"))
 
 
-def restore_checkpoint(run):
-    """Load everything save_checkpoint wrote; returns the step to continue from."""
+def restore_checkpoint(run, ckpt):
+    """Load everything save_checkpoint wrote, then apply the settings a resume may change (the optimizer's
+    hyperparameters among them); returns the step to continue from."""
     import model as M
-    ckpt = load_checkpoint(os.path.join(run.cfg.out_dir, "ckpt.pt"))
     for a, sd in ckpt["adapters"].items():
         if a not in run.adapters:   # e.g. an "ema" in the checkpoint of a run resumed with use_ema=False
             continue
@@ -528,9 +617,13 @@ def restore_checkpoint(run):
     run.skipped = ckpt["skipped"]
     if len(ckpt["rng"]) == run.world.world_size:
         set_rng_state(ckpt["rng"][run.world.rank])
-    changed = {k: v for k, v in run.cfg_dict.items() if ckpt["config"].get(k) != v and k not in ("resume", "max_steps")}
-    if changed:
-        print0(f"resume: settings differ from the checkpoint's: {changed}")
+    cfg = run.cfg
+    for group in run.optimizer.param_groups:   # load_state_dict brought back the checkpoint's values
+        group.update(lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    old = ckpt["config"]
+    changed = {k: (old[k], v) for k, v in run.cfg_dict.items() if k in old and old[k] != v and k != "resume"}
+    for k, (a, b) in sorted(changed.items()):
+        print0(f"resume at step {ckpt['step']}: {k} {a!r} → {b!r}")
     return ckpt["step"]
 
 
@@ -578,11 +671,12 @@ class Logger:
         self.rows, self.wandb = [], None
         if not self.master:
             return
-        if os.path.isfile(self.path) and cfg.resume:   # keep lines before the resume point
-            with open(self.path) as f:
-                self.rows = [r for r in map(json.loads, f) if r["step"] <= resume_step]
-        with open(self.path, "w") as f:
+        if os.path.isfile(self.path) and cfg.resume:   # keep lines up to the resume point (the checkpoint's)
+            self.rows = [r for r in read_log(self.path) if r["step"] <= resume_step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        os.replace(tmp, self.path)
         if cfg.wandb_log:
             try:
                 import wandb
@@ -601,6 +695,23 @@ class Logger:
             self.wandb.log(row, step=row["step"])
 
 
+def read_log(path):
+    """The rows of a log.jsonl. A partial last line (a run killed mid-write) is dropped with a warning: the
+    checkpoint, not the log, is the truth of where a run stands. A bad line elsewhere is an error naming it."""
+    with open(path) as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n < len(lines):
+                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
+            print(f"warning: {path}:{n}: dropping a partial last line (the run stopped while writing it)",
+                  file=sys.stderr)
+    return rows
+
+
 def config_to_json(cfg):
     return {k: getattr(cfg, k) for k in CONFIG_KEYS}
 
@@ -614,8 +725,8 @@ def build_run(cfg, world):
     from model import load_text_encoders
     import reward as R
     dev = world.device
-    ctx, wdtype, scaler = precision(cfg, dev)
-    mmdit = M.load_mmdit(cfg.weights, dtype=wdtype, device=dev)
+    ctx, wdtype, mmdit_dtype, scaler = precision(cfg, dev)
+    mmdit = M.load_mmdit(cfg.weights, dtype=mmdit_dtype, device=dev)
     vae = M.load_vae(cfg.weights, dtype=wdtype, device=dev)
     text = load_text_encoders(cfg.text_encoders, dtype=wdtype, device=dev, t5=cfg.use_t5,
                               max_sequence_length=cfg.max_sequence_length)
@@ -798,7 +909,7 @@ def nft_update(run, step, groups, perturbed, slots, r):
     model.eval()
     all_reduce_grads(run.params, world)
     run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     skipped = not torch.isfinite(grad_norm).item()
     if not skipped:
         run.scaler.step(run.optimizer)   # (also skips by itself if the scaler found an inf)
@@ -891,17 +1002,24 @@ def train(cfg_dict):
     world_size = world_size_from_env()
     validate_config(cfg, world_size)
     world = setup_distributed(cfg)
-    if world.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        print(json.dumps(config_to_json(cfg), indent=1))
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(config_to_json(cfg), f, indent=1)
     random.seed(cfg.seed + world.rank)
     np.random.seed(cfg.seed + world.rank)
     torch.manual_seed(cfg.seed + world.rank)
 
     run = build_run(cfg, world)
-    start = restore_checkpoint(run) if cfg.resume else 0
+    start = restore_checkpoint(run, cfg.checkpoint) if cfg.resume else 0
+    cfg.checkpoint = None
+    if world.master:       # written once the models load: a run that fails to start leaves out_dir as it was
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        stale = os.path.join(cfg.out_dir, "ckpt.pt.tmp")
+        if os.path.exists(stale):      # a save killed midway; ckpt.pt itself is whole (atomic_save)
+            print0(f"removing {stale}, left by a checkpoint write that was interrupted")
+            os.remove(stale)
+        print(json.dumps(config_to_json(cfg), indent=1))
+        tmp = os.path.join(cfg.out_dir, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(config_to_json(cfg), f, indent=1)
+        os.replace(tmp, os.path.join(cfg.out_dir, "config.json"))
     logger = Logger(cfg, world, start)
     n_global = cfg.prompts_per_step * group_size(cfg)
     n_local = n_global // world.world_size
