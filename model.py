@@ -1,10 +1,13 @@
 """
-model.py: Stable Diffusion 3 / 3.5 in plain PyTorch: the MMDiT, the 16-channel VAE, loaders for the
-checkpoints people actually have, and a hand-written LoRA with several named adapters.
+model.py: Stable Diffusion 3 / 3.5 in plain PyTorch: the MMDiT, the 16-channel VAE, the text stack (CLIP-L, CLIP-G
+and T5-XXL through transformers), loaders for the checkpoints people actually have, and a hand-written LoRA with
+several named adapters. Sections, top to bottom: constants, MMDiT, VAE, text stack, loaders, LoRA.
 
     import model
     mmdit = model.load_mmdit("sd3.5_medium.safetensors", dtype=torch.bfloat16, device="cuda")
     vae = model.load_vae("stable-diffusion-3.5-medium/", dtype=torch.float32, device="cuda")
+    te = model.load_text_encoders("stable-diffusion-3.5-medium/")   # pipeline root; t5=False skips T5-XXL
+    context, pooled = te.encode(["a photo of a cat"])  # (B, 77+256, 4096), (B, 2048)
     v = mmdit(x, sigma, context, pooled)        # x (B,16,h,w), sigma (B,) in [0,1] -> velocity (B,16,h,w)
     model.add_lora(mmdit, rank=32, alpha=64, adapter="policy")
     model.copy_adapter(mmdit, "policy", "old")   # frozen copy for rollouts
@@ -20,17 +23,33 @@ Loading builds the model on the meta device and assigns the tensors read one at 
 the way), so the peak is one model plus the file's memory-mapped pages, never two materialised copies (the
 diffusers layout briefly adds the q/k/v weights while fusing them). The key set is checked exactly against the
 architecture inferred from the shapes: missing, unexpected and mis-shaped keys are a ValueError naming them and the
-file.
+file. Text encoders come from a pipeline root (text_encoder*/, tokenizer*/) or from the single files
+`text_encoders/clip_l.safetensors`, `clip_g.safetensors`, `t5xxl_fp16.safetensors` (transformers key layout, config
+inferred from shapes with head_dim 64; CLIP-L quick_gelu, CLIP-G gelu) with the tokenizer folders beside them.
+
+`TextEncoders.encode` equals diffusers' `StableDiffusion3Pipeline.encode_prompt(...)` (guidance off, clip_skip None):
+CLIP-L and CLIP-G take the tokenizer's model_max_length tokens (77 for SD3; padded, truncated with a warning) and
+give their penultimate hidden state (no final LayerNorm) and the projected EOS state; context = [CLIP-L ‖ CLIP-G on
+channels, zero-padded to the joint dim] ++ T5's last hidden state (no attention mask, as diffusers), and without T5
+the T5 part is max_sequence_length zero tokens, exactly as diffusers does when text_encoder_3 is None; pooled =
+CLIP-L ‖ CLIP-G text_embeds. Building blocks for perturb.py (Phase I perturbs CLIP-L's static token embeddings):
+
+    ids, content = te.tokenize(prompts, "clip_l")       # (B,77) ids, (B,77) bool: not BOS / EOS / padding
+    E = te.token_embeddings(ids, "clip_l")               # static embeddings, before position embeddings
+    hidden, pooled = te.clip_forward(E + delta, ids, "clip_l")   # differentiable w.r.t. the embeddings
+    parts = te.encode_parts(prompts); parts["clip_l"] = (hidden, pooled)
+    context, pooled = te.assemble(parts["clip_l"], parts["clip_g"], parts["t5"])   # broadcasts leading dims
 
 Public API: MMDiTConfig (presets SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE), MMDiT, mmdit_config_from_state_dict,
-load_mmdit, VAE, load_vae, mmdit_to_diffusers / mmdit_from_diffusers, vae_to_diffusers / vae_from_diffusers,
-save_diffusers; LoRA: LORA_TARGETS, add_lora, set_adapter, use_adapter, active_adapter, adapters, lora_parameters,
-lora_state_dict, load_lora_state_dict, copy_adapter, save_lora, load_lora. Pass the unwrapped module (not DDP's
-wrapper) to the LoRA functions so layer names carry no "module." prefix.
+load_mmdit, VAE, load_vae, pixels_per_token, mmdit_to_diffusers / mmdit_from_diffusers, vae_to_diffusers /
+vae_from_diffusers, save_diffusers; TextEncoders, load_text_encoders, clip_from_state_dict, t5_from_state_dict; LoRA:
+LORA_TARGETS, add_lora, set_adapter, use_adapter, active_adapter, adapters, lora_parameters, lora_state_dict,
+load_lora_state_dict, copy_adapter, save_lora, load_lora. Pass the unwrapped module (not DDP's wrapper) to the LoRA
+functions so layer names carry no "module." prefix.
 
 Module attribute names are the original single-file keys (Stability-AI's mmditx.py / ldm VAE), so loading that
 layout is a prefix strip; the diffusers layout goes through `mmdit_to_diffusers` / `vae_to_diffusers` and their
-inverses. Tests: `python -m pytest -q test_e2po.py -k "mmdit or vae or lora"` (parity with diffusers on tiny random weights).
+inverses. Tests: `python -m pytest -q test_e2po.py -k model` (parity with diffusers on tiny random weights).
 
 Where this departs from the references:
 - MMDiT.forward takes sigma in [0,1] (diffusers takes timestep = 1000*sigma) and casts its inputs to the weights'
@@ -42,6 +61,13 @@ Where this departs from the references:
   scale alpha/rank. A fused qkv layer carries three independent (A, B) pairs, exactly peft's to_q/to_k/to_v LoRA.
   save_lora folds alpha/rank into B, since diffusers loads a file without alpha as alpha = rank (scale 1).
 - VAE.encode returns the posterior mean (no sampling), already shifted and scaled into model space.
+- transformers' CLIPTextModel.forward takes no `inputs_embeds`, so `clip_forward` runs the embeddings, the encoder
+  layers (explicit causal mask), the final LayerNorm, the EOS pooling and the projection itself, exactly as
+  transformers does (tested equal to the normal forward). The mask is causal, so the pooled EOS state depends only on
+  positions up to the EOS token: `clip_forward` accepts sequences cut after the last EOS (perturb.py's Phase I uses
+  this to run several times cheaper); the penultimate states of the kept positions are unchanged too.
+- A clip_l single file without `text_projection.weight` gets an identity projection (the SD3 reference code pools
+  CLIP-L without projection), with a warning; any other missing or unexpected text key is an error.
 """
 
 import json
@@ -61,6 +87,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # constants
 
@@ -71,6 +98,19 @@ DEFAULT_HEAD_DIM = 64                        # every SD3/SD3.5 MMDiT; not visibl
 NORM_EPS = 1e-6                              # LayerNorm, RMSNorm and GroupNorm epsilon
 VAE_SCALE, VAE_SHIFT = 1.5305, 0.0609        # latents = (z - shift) * scale
 VAE_GROUPS = 32
+CLIP_MAX_LENGTH = 77                         # SD3's CLIP length; the tokenizer's model_max_length decides (as diffusers)
+T5_MAX_LENGTH = 256                          # diffusers' default max_sequence_length for SD3
+JOINT_DIM = 4096                             # T5-XXL d_model = MMDiT context dim (used without T5 and without a transformer config)
+TEXT_HEAD_DIM = 64                           # CLIP-L/G and T5-XXL attention head size (to infer head counts from shapes)
+CLIP_ACT = {"clip_l": "quick_gelu", "clip_g": "gelu"}   # OpenAI CLIP-L vs OpenCLIP bigG
+CLIP_FILES = {"clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors"}
+T5_FILES = ("t5xxl_fp16.safetensors", "t5xxl.safetensors")
+CLIP_FOLDERS = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2")}
+T5_FOLDERS = ("text_encoder_3", "tokenizer_3")
+# the default pipeline: the shapes world's tiny SD3 (built by data/shapes/pretrain.py)
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes", "sd3_tiny")
+PIPELINE_NOTES = "e2po.json"   # in a pipeline root: conventions its weights were trained with, e.g. the world's
+                               # {"max_sequence_length": 8} (zero T5 tokens); see pipeline_notes
 LORA_TARGETS = ("x_block.attn.qkv", "x_block.attn.proj", "context_block.attn.qkv", "context_block.attn.proj")
 
 
@@ -102,6 +142,7 @@ SD35_MEDIUM = MMDiTConfig(hidden_size=1536, depth=24, num_heads=24, pos_embed_ma
 SD35_LARGE = MMDiTConfig(hidden_size=2432, depth=38, num_heads=38, pos_embed_max_size=192, qk_norm=True,
                          dual_attention_layers=())
 
+log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------------
 # MMDiT building blocks
 
@@ -574,7 +615,200 @@ def vae_config_from_state_dict(sd):
     return dict(block_out_channels=ch, latent_channels=shape["decoder.conv_in.weight"][1])
 
 # ----------------------------------------------------------------------------------------------------------------
-# layout conversion: ours (original single-file keys) <-> diffusers
+# text stack: CLIP-L, CLIP-G (and T5) through transformers, assembled as SD3 does
+
+
+def _cast(x, like):
+    return x.to(dtype=like.dtype, device=like.device)
+
+
+def _as_list(prompts):
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a string or a non-empty list of strings")
+    return prompts
+
+
+class TextEncoders(nn.Module):
+    """CLIP-L + CLIP-G (+ optional T5) with their tokenizers; frozen and always in eval mode.
+
+    Attributes: clip_l, clip_g (CLIPTextModelWithProjection), t5 (T5EncoderModel or None), tokenizer_l,
+    tokenizer_g, tokenizer_t5, max_sequence_length (T5 tokens), joint_dim (context channels).
+    Encoder names used by the building blocks: "clip_l", "clip_g".
+    """
+
+    def __init__(self, clip_l, clip_g, tokenizer_l, tokenizer_g, t5=None, tokenizer_t5=None,
+                 max_sequence_length=T5_MAX_LENGTH, joint_dim=None):
+        super().__init__()
+        if t5 is not None and tokenizer_t5 is None:
+            raise ValueError("TextEncoders: a T5 encoder needs tokenizer_t5")
+        if t5 is not None and joint_dim is not None and joint_dim != t5.config.d_model:
+            raise ValueError(f"TextEncoders: joint_dim={joint_dim} but T5 d_model is {t5.config.d_model}")
+        self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
+        self.tokenizer_l, self.tokenizer_g, self.tokenizer_t5 = tokenizer_l, tokenizer_g, tokenizer_t5
+        self.max_sequence_length = int(max_sequence_length)
+        # CLIP length as diffusers takes it: the tokenizer's model_max_length (77 for SD3; unset -> 77)
+        length = getattr(tokenizer_l, "model_max_length", None)
+        self.clip_length = int(length) if length and length <= clip_l.config.max_position_embeddings \
+            else CLIP_MAX_LENGTH
+        self.joint_dim = int(t5.config.d_model if t5 is not None else (joint_dim or JOINT_DIM))
+        clip_dim = clip_l.config.hidden_size + clip_g.config.hidden_size
+        if clip_dim > self.joint_dim:
+            raise ValueError(f"TextEncoders: CLIP-L+CLIP-G width {clip_dim} exceeds the joint dim {self.joint_dim}")
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):  # frozen: never leave eval mode (T5 has dropout)
+        return super().train(False)
+
+    @property
+    def dtype(self):
+        return self.clip_l.dtype
+
+    @property
+    def device(self):
+        return self.clip_l.device
+
+    def _parts(self, encoder):
+        if encoder == "clip_l":
+            return self.clip_l, self.tokenizer_l
+        if encoder == "clip_g":
+            return self.clip_g, self.tokenizer_g
+        raise ValueError(f"unknown CLIP encoder {encoder!r}; expected 'clip_l' or 'clip_g'")
+
+    # ---- building blocks -------------------------------------------------------------------------------------
+
+    def _tokenize(self, prompts, encoder):
+        """-> (input_ids (B,77), content_mask (B,77) bool, indices of truncated prompts)."""
+        _, tok = self._parts(encoder)
+        full = tok(prompts, padding=False, truncation=True, max_length=10**6)["input_ids"]
+        truncated = [i for i, ids in enumerate(full) if len(ids) > self.clip_length]
+        enc = tok(prompts, padding="max_length", max_length=self.clip_length, truncation=True, return_tensors="pt")
+        ids, attn = enc["input_ids"], enc["attention_mask"].bool()
+        n = attn.sum(-1, keepdim=True)                       # BOS + content + EOS
+        pos = torch.arange(ids.shape[1])[None]
+        content = (pos >= 1) & (pos < n - 1)                 # no BOS, EOS, padding
+        return ids.to(self.device), content.to(self.device), truncated
+
+    def tokenize(self, prompts, encoder="clip_l"):
+        """CLIP tokens of `prompts` for "clip_l" / "clip_g": (input_ids (B,77) long, content_mask (B,77) bool).
+
+        content_mask is True at the content tokens (Eq. 10's index set I: no BOS, EOS or padding).
+        Prompts longer than 77 tokens are truncated (keeping the final EOS) with one warning per call."""
+        prompts = _as_list(prompts)
+        ids, content, truncated = self._tokenize(prompts, encoder)
+        self._warn_truncated(prompts, truncated, [])
+        return ids, content
+
+    def token_embeddings(self, input_ids, encoder="clip_l"):
+        """Static token embeddings (B,S,d) of `encoder`, before position embeddings (the paper's E)."""
+        model, _ = self._parts(encoder)
+        return model.text_model.embeddings.token_embedding(input_ids)
+
+    def clip_forward(self, inputs_embeds, input_ids, encoder="clip_l"):
+        """CLIP text tower from static token embeddings: -> (penultimate hidden (B,S,d), pooled projected (B,p)).
+
+        inputs_embeds (B,S,d) replaces token_embedding(input_ids); input_ids (B,S) only decide the EOS position
+        for pooling (transformers' rule: argmax id if config.eos_token_id == 2, else the first eos_token_id).
+        S may be less than 77 if every row still holds its EOS (causal attention: earlier positions are exact).
+        Differentiable w.r.t. inputs_embeds; equals model(input_ids, output_hidden_states=True)
+        (hidden_states[-2], text_embeds) when inputs_embeds = token_embeddings(input_ids)."""
+        model, _ = self._parts(encoder)
+        tm = model.text_model
+        x = tm.embeddings(inputs_embeds=inputs_embeds.to(model.dtype))
+        S = x.shape[1]
+        mask = torch.full((S, S), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device).triu(1)[None, None]
+        penultimate = x
+        for i, layer in enumerate(tm.encoder.layers):
+            x = layer(x, mask)
+            if i == len(tm.encoder.layers) - 2:
+                penultimate = x
+        x = tm.final_layer_norm(x)
+        ids = input_ids.to(device=x.device, dtype=torch.int)
+        if tm.eos_token_id == 2:   # legacy configs (SD3's): EOS is the largest id
+            eos = ids.argmax(dim=-1)
+        else:
+            eos = (ids == tm.eos_token_id).int().argmax(dim=-1)
+        pooled = model.text_projection(x[torch.arange(x.shape[0], device=x.device), eos])
+        return penultimate, pooled
+
+    @torch.no_grad()
+    def encode_clip(self, prompts, encoder="clip_l", _ids=None):
+        """(penultimate hidden (B,77,d), pooled projected (B,p)) of one CLIP, no perturbation."""
+        prompts = _as_list(prompts)
+        ids = _ids if _ids is not None else self.tokenize(prompts, encoder)[0]
+        model, _ = self._parts(encoder)
+        out = model(input_ids=ids, output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds
+
+    @torch.no_grad()
+    def encode_t5(self, prompts, _warn=True):
+        """T5 part of the context (B, max_sequence_length, joint_dim); zeros without T5 (as diffusers)."""
+        prompts = _as_list(prompts)
+        B, T = len(prompts), self.max_sequence_length
+        if self.t5 is None:
+            return torch.zeros(B, T, self.joint_dim, dtype=self.dtype, device=self.device)
+        tok = self.tokenizer_t5
+        ids = tok(prompts, padding="max_length", max_length=T, truncation=True, add_special_tokens=True,
+                  return_tensors="pt")["input_ids"].to(self.t5.device)
+        if _warn:
+            full = tok(prompts, padding=False, truncation=True, max_length=10**6)["input_ids"]
+            self._warn_truncated(prompts, [], [i for i, x in enumerate(full) if len(x) > T])
+        return self.t5(input_ids=ids)[0]
+
+    @torch.no_grad()
+    def encode_parts(self, prompts):
+        """Per-encoder outputs: {"clip_l": (hidden, pooled), "clip_g": (hidden, pooled), "t5": hidden,
+        "input_ids": {"clip_l": ids, "clip_g": ids}, "content_mask": {...}}. One truncation warning per call."""
+        prompts = _as_list(prompts)
+        parts, ids, content, trunc = {}, {}, {}, set()
+        for name in ("clip_l", "clip_g"):
+            ids[name], content[name], tr = self._tokenize(prompts, name)
+            trunc.update(tr)
+            parts[name] = self.encode_clip(prompts, name, _ids=ids[name])
+        t5_trunc = []
+        if self.t5 is not None:
+            full = self.tokenizer_t5(prompts, padding=False, truncation=True, max_length=10**6)["input_ids"]
+            t5_trunc = [i for i, x in enumerate(full) if len(x) > self.max_sequence_length]
+        self._warn_truncated(prompts, sorted(trunc), t5_trunc)
+        parts["t5"] = self.encode_t5(prompts, _warn=False)
+        parts["input_ids"], parts["content_mask"] = ids, content
+        return parts
+
+    def assemble(self, clip_l, clip_g, t5):
+        """(context (..., 77+T, joint_dim), pooled (..., p_l+p_g)) from per-encoder parts.
+
+        clip_l, clip_g: (hidden (...,77,d), pooled (...,p)); t5: (...,T,joint_dim). Leading dims broadcast, so a
+        perturbed CLIP-L of shape (P,K,77,d) combines with unchanged CLIP-G / T5 parts of shape (P,1,...)."""
+        (hl, pl), (hg, pg) = clip_l, clip_g
+        lead = torch.broadcast_shapes(hl.shape[:-2], hg.shape[:-2], t5.shape[:-2], pl.shape[:-1], pg.shape[:-1])
+        hl, hg = hl.expand(*lead, *hl.shape[-2:]), hg.expand(*lead, *hg.shape[-2:])
+        clip = torch.cat([hl, _cast(hg, hl)], dim=-1)
+        clip = nn.functional.pad(clip, (0, self.joint_dim - clip.shape[-1]))
+        context = torch.cat([clip, _cast(t5, clip).expand(*lead, *t5.shape[-2:])], dim=-2)
+        pooled = torch.cat([pl.expand(*lead, pl.shape[-1]), _cast(pg, pl).expand(*lead, pg.shape[-1])], dim=-1)
+        return context, pooled
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """(context (B, 77+T, joint_dim), pooled (B, p_l+p_g)) == diffusers SD3 encode_prompt (no CFG)."""
+        parts = self.encode_parts(prompts)
+        return self.assemble(parts["clip_l"], parts["clip_g"], parts["t5"])
+
+    def _warn_truncated(self, prompts, clip_idx, t5_idx):
+        msgs = []
+        if clip_idx:
+            msgs.append(f"{len(clip_idx)} prompt(s) exceed CLIP's {self.clip_length} tokens and were truncated "
+                        f"(first: {prompts[clip_idx[0]][:80]!r})")
+        if t5_idx:
+            msgs.append(f"{len(t5_idx)} prompt(s) exceed T5's max_sequence_length={self.max_sequence_length} "
+                        f"and were truncated (first: {prompts[t5_idx[0]][:80]!r})")
+        if msgs:
+            warnings.warn("; ".join(msgs), stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loaders. First the layout conversion: ours (original single-file keys) <-> diffusers
 
 # per-block module renames (ours -> diffusers); fused qkv become three modules
 _BLOCK_RENAMES = [
@@ -733,8 +967,7 @@ def vae_from_diffusers(dsd):
     pairs = [(b, a) for a, b in _vae_renames(levels)]
     return _vae_convert(dsd, pairs, False)
 
-# ----------------------------------------------------------------------------------------------------------------
-# loaders
+# ---- MMDiT and VAE ---------------------------------------------------------------------------------------------
 
 
 def _weight_files(path, subfolder):
@@ -860,6 +1093,31 @@ def load_vae(path, dtype=torch.float32, device="cpu") -> VAE:
                  vae_to_diffusers, lambda s: VAE(**vae_config_from_state_dict(s)), "VAE", dtype, device)
 
 
+def pipeline_notes(path):
+    """The conventions a pipeline root declares in its e2po.json ({} without one): diffusers configs cannot say how
+    many zero T5 tokens a model without T5 was trained with (the world: 8; diffusers assumes 256)."""
+    file = os.path.join(os.fspath(path), PIPELINE_NOTES)
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
+
+
+def native_size(path):
+    """Image side a pipeline root was made for: transformer/config.json sample_size (latent side) × the VAE factor
+    2^(levels−1) from vae/config.json; None when `path` is not such a folder or says nothing."""
+    cfg_t, cfg_v = os.path.join(path, "transformer", "config.json"), os.path.join(path, "vae", "config.json")
+    if not os.path.isdir(path) or not os.path.isfile(cfg_t):
+        return None
+    with open(cfg_t) as f:
+        sample_size = json.load(f).get("sample_size")
+    levels = 4
+    if os.path.isfile(cfg_v):
+        with open(cfg_v) as f:
+            levels = len(json.load(f).get("block_out_channels", [0] * 4))
+    return None if sample_size is None else sample_size * 2 ** (levels - 1)
+
+
 def pixels_per_token(path):
     """Image pixels per MMDiT token side, VAE factor × patch size, read from the safetensors headers of `path` (a
     pipeline root or the original single file) without loading a tensor: 16 for SD3.5. ValueError on unreadable files."""
@@ -885,6 +1143,153 @@ def save_diffusers(module, folder, sample_size=None):
     save_file({k: v.contiguous() for k, v in dsd.items()}, os.path.join(folder, DIFFUSERS_WEIGHTS + ".safetensors"))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+
+# ---- text encoders ---------------------------------------------------------------------------------------------
+
+def _num_blocks(sd, prefix):
+    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    if idx != set(range(len(idx))):
+        raise ValueError(f"non-contiguous layer indices under {prefix!r}: {sorted(idx)}")
+    return len(idx)
+
+
+def _check_text_keys(model, sd, file):
+    expected = set(model.state_dict().keys())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{file}: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+
+
+def clip_from_state_dict(sd, encoder, tokenizer, file="<state dict>", dtype=torch.float32, device="cpu"):
+    """CLIPTextModelWithProjection from a transformers-layout state dict; config inferred from shapes."""
+    sd = {k: v for k, v in sd.items() if k != "text_model.embeddings.position_ids"}
+    need = ["text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
+            "text_model.encoder.layers.0.mlp.fc1.weight"]
+    for k in need:
+        if k not in sd:
+            raise ValueError(f"{file}: missing key {k!r} (expected the transformers CLIP text layout)")
+    vocab, hidden = sd[need[0]].shape
+    if hidden % TEXT_HEAD_DIM:
+        raise ValueError(f"{file}: hidden size {hidden} is not a multiple of head_dim {TEXT_HEAD_DIM}")
+    if "text_projection.weight" not in sd:
+        if encoder != "clip_l":
+            raise ValueError(f"{file}: missing key 'text_projection.weight'")
+        warnings.warn(f"{file}: no text_projection.weight; using identity (pooled = EOS state, as SD3's reference)")
+        sd["text_projection.weight"] = torch.eye(hidden)
+    cfg = CLIPTextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=sd[need[2]].shape[0],
+        num_hidden_layers=_num_blocks(sd, "text_model.encoder.layers."), num_attention_heads=hidden // TEXT_HEAD_DIM,
+        max_position_embeddings=sd[need[1]].shape[0], projection_dim=sd["text_projection.weight"].shape[0],
+        hidden_act=CLIP_ACT[encoder], layer_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.device("meta"):
+        model = CLIPTextModelWithProjection(cfg)
+    _check_text_keys(model, sd, file)
+    model.load_state_dict({k: v.to(dtype=dtype, device=device) for k, v in sd.items()}, strict=True, assign=True)
+    emb = model.text_model.embeddings
+    emb.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings, device=device)[None],
+                        persistent=False)
+    return model
+
+
+def t5_from_state_dict(sd, file="<state dict>", dtype=torch.float32, device="cpu"):
+    """T5EncoderModel (v1.1 style) from a transformers-layout state dict; config inferred from shapes."""
+    need = ["shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight",
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    for k in need:
+        if k not in sd:
+            raise ValueError(f"{file}: missing key {k!r} (expected the transformers T5 encoder layout)")
+    sd = dict(sd)
+    sd.setdefault("encoder.embed_tokens.weight", sd["shared.weight"])
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
+    wi = "encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"
+    if wi not in sd:
+        raise ValueError(f"{file}: missing key {wi!r}")
+    vocab, d_model = sd["shared.weight"].shape
+    cfg = T5Config(vocab_size=vocab, d_model=d_model, d_kv=TEXT_HEAD_DIM, num_heads=sd[need[1]].shape[0] // TEXT_HEAD_DIM,
+                   d_ff=sd[wi].shape[0], num_layers=_num_blocks(sd, "encoder.block."),
+                   relative_attention_num_buckets=sd[need[2]].shape[0],
+                   feed_forward_proj="gated-gelu" if gated else "relu", is_encoder_decoder=False, use_cache=False)
+    with torch.device("meta"):
+        model = T5EncoderModel(cfg)
+    _check_text_keys(model, sd, file)
+    model.load_state_dict({k: v.to(dtype=dtype, device=device) for k, v in sd.items()}, strict=True, assign=True)
+    model.encoder.embed_tokens = model.shared
+    return model
+
+
+def _tokenizer(root, folder):
+    path = os.path.join(root, folder)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer folder {path} not found (a pipeline root needs tokenizer/, tokenizer_2/"
+                                f" and, with T5, tokenizer_3/; pass tokenizer_path=ROOT)")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_text_encoders(path, dtype=torch.float32, device="cpu", t5=True, max_sequence_length=None,
+                       joint_dim=None, tokenizer_path=None):
+    """Load CLIP-L, CLIP-G and (optionally) T5 -> TextEncoders (frozen, eval).
+
+    path: a diffusers pipeline root (text_encoder/, text_encoder_2/, [text_encoder_3/], tokenizer{,_2,_3}/); or the
+    single files clip_l.safetensors, clip_g.safetensors [, t5xxl_fp16.safetensors | t5xxl.safetensors], either in
+    `path` itself (e.g. the HF repo's text_encoders/ folder) or in path/text_encoders/ when path has no diffusers
+    folders (a root with both loads the diffusers folders; pass ROOT/text_encoders to force the single files).
+    Tokenizers come from tokenizer_path, default the root (path, or the parent of a text_encoders/ folder).
+    t5=False, or no T5 weights (a logged warning), gives a zero T5 part of width joint_dim (default: the root's
+    transformer/config.json joint_attention_dim, else 4096); with T5, joint_dim is T5's d_model.
+    max_sequence_length (T5 tokens): None = the root's pipeline notes (the world: 8), else 256 as diffusers."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"text encoder path {path} is not a folder (expected a pipeline root or a folder "
+                                f"with {CLIP_FILES['clip_l']}, {CLIP_FILES['clip_g']})")
+    has = lambda *p: os.path.exists(os.path.join(path, *p))
+    if has(CLIP_FILES["clip_l"]):                                   # the text_encoders/ folder itself
+        folder = path
+        root = path if has("tokenizer") else os.path.dirname(os.path.abspath(path))
+    elif has("text_encoder") and has("text_encoder_2"):             # diffusers pipeline root
+        folder, root = None, path
+    elif has("text_encoders", CLIP_FILES["clip_l"]):                # root with single files only
+        folder, root = os.path.join(path, "text_encoders"), path
+    else:
+        raise FileNotFoundError(f"{path}: neither a pipeline root (text_encoder/, text_encoder_2/) nor a folder with "
+                                f"{CLIP_FILES['clip_l']} (directly or under text_encoders/)")
+    tok_root = os.fspath(tokenizer_path) if tokenizer_path is not None else root
+    clips, toks = {}, {}
+    for name, (enc_dir, tok_dir) in CLIP_FOLDERS.items():
+        toks[name] = _tokenizer(tok_root, tok_dir)
+        if folder is None:
+            clips[name] = CLIPTextModelWithProjection.from_pretrained(os.path.join(root, enc_dir), dtype=dtype)
+        else:
+            file = os.path.join(folder, CLIP_FILES[name])
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{file} not found")
+            clips[name] = clip_from_state_dict(load_file(file), name, toks[name], file, dtype=dtype)
+    t5_model = None
+    if t5 and folder is None:
+        t5_dir = os.path.join(root, T5_FOLDERS[0])
+        if os.path.isdir(t5_dir):
+            t5_model = T5EncoderModel.from_pretrained(t5_dir, dtype=dtype)
+        else:
+            log.warning(f"{t5_dir} not found: the T5 part of the context will be zeros")
+    elif t5:
+        files = [os.path.join(folder, f) for f in T5_FILES if os.path.isfile(os.path.join(folder, f))]
+        if files:
+            t5_model = t5_from_state_dict(load_file(files[0]), files[0], dtype=dtype)
+        else:
+            log.warning(f"no {' / '.join(T5_FILES)} in {folder}: the T5 part of the context will be zeros")
+    tok_t5 = _tokenizer(tok_root, T5_FOLDERS[1]) if t5_model is not None else None
+    if t5_model is None and joint_dim is None:
+        cfg_file = os.path.join(root, "transformer", "config.json")
+        if os.path.isfile(cfg_file):
+            with open(cfg_file) as f:
+                joint_dim = json.load(f).get("joint_attention_dim")
+    if max_sequence_length is None:
+        max_sequence_length = pipeline_notes(root).get("max_sequence_length", T5_MAX_LENGTH)
+    te = TextEncoders(clips["clip_l"], clips["clip_g"], toks["clip_l"], toks["clip_g"], t5_model, tok_t5,
+                      max_sequence_length=max_sequence_length, joint_dim=joint_dim)
+    return te.to(device)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA: named adapters on a shared frozen base
@@ -1161,388 +1566,3 @@ def load_lora(module, path, adapter="policy"):
                     continue
                 A[j * r:(j + 1) * r].copy_(tensors[f"{key}.lora_A.weight"])
                 B[j].copy_(tensors[f"{key}.lora_B.weight"] * (file_scale / s))
-
-# ----------------------------------------------------------------------------------------------------------------
-# ---- text conditioning (CLIP-L, CLIP-G, T5) ----
-#
-# Text conditioning for SD3 / SD3.5 (CLIP-L, CLIP-G, T5-XXL through transformers).
-#
-#
-#     te = load_text_encoders("path/to/stable-diffusion-3.5-medium")        # pipeline root (diffusers folders)
-#     te = load_text_encoders("path/to/sd3.5/text_encoders", t5=False)       # single files, tokenizers from the parent
-#     context, pooled = te.encode(["a photo of a cat"])                      # (B, 77+256, 4096), (B, 2048)
-#
-# `encode` equals diffusers' `StableDiffusion3Pipeline.encode_prompt(...)` (prompt_embeds, pooled_prompt_embeds)
-# with guidance off and clip_skip None:
-# - CLIP-L and CLIP-G: 77 tokens (padded to max length, truncated with a warning), the penultimate hidden state
-#   (`hidden_states[-2]`, no final LayerNorm), pooled = the projected EOS state (`text_embeds`).
-# - context = [CLIP-L ‖ CLIP-G on channels, zero-padded to the joint dim] ++ T5's last hidden state on the sequence
-#   (T5 sees the padded ids with no attention mask, as diffusers does). Without T5 the T5 part is zeros of shape
-#   (B, max_sequence_length, joint_dim), exactly as diffusers does when text_encoder_3 is None.
-# - pooled = CLIP-L text_embeds ‖ CLIP-G text_embeds.
-#
-# Building blocks for perturb.py (E²PO Phase I perturbs CLIP-L's static token embeddings):
-#     ids, content = te.tokenize(prompts, "clip_l")       # (B,77) ids, (B,77) bool: not BOS / EOS / padding
-#     E = te.token_embeddings(ids, "clip_l")               # static embeddings, before position embeddings
-#     hidden, pooled = te.clip_forward(E + delta, ids, "clip_l")   # differentiable w.r.t. the embeddings
-#     parts = te.encode_parts(prompts); parts["clip_l"] = (hidden, pooled)
-#     context, pooled = te.assemble(parts["clip_l"], parts["clip_g"], parts["t5"])   # broadcasts leading dims
-#
-# Departures / notes:
-# - transformers' CLIPTextModel.forward takes no `inputs_embeds`, so `clip_forward` runs the embeddings, the encoder
-#   layers (explicit causal mask), the final LayerNorm, the EOS pooling and the projection itself, exactly as
-#   transformers does (tested equal to the normal forward). Because the mask is causal, the pooled EOS state only
-#   depends on positions up to the EOS token: `clip_forward` accepts sequences cut after the last EOS (perturb.py uses
-#   this to make Phase I several times cheaper); the penultimate states of the kept positions are unchanged too.
-# - Single files (`text_encoders/clip_l.safetensors`, `clip_g.safetensors`, `t5xxl_fp16.safetensors`) use the
-#   transformers key layout (`text_model.*` + `text_projection.weight`; T5 `shared.weight`, `encoder.*`); the config
-#   is inferred from tensor shapes with head_dim 64; CLIP-L uses quick_gelu, CLIP-G gelu. A clip_l file without
-#   `text_projection.weight` gets an identity projection (the SD3 reference code pools CLIP-L without projection),
-#   with a warning; any other missing or unexpected key is an error.
-
-
-
-CLIP_MAX_LENGTH = 77          # SD3's CLIP length; the tokenizer's model_max_length decides (as diffusers)
-T5_MAX_LENGTH = 256           # diffusers' default max_sequence_length for SD3
-JOINT_DIM = 4096              # T5-XXL d_model = MMDiT context dim (used without T5 and without a transformer config)
-HEAD_DIM = 64                 # CLIP-L/G and T5-XXL attention head size (to infer head counts from shapes)
-CLIP_ACT = {"clip_l": "quick_gelu", "clip_g": "gelu"}   # OpenAI CLIP-L vs OpenCLIP bigG
-CLIP_FILES = {"clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors"}
-T5_FILES = ("t5xxl_fp16.safetensors", "t5xxl.safetensors")
-CLIP_FOLDERS = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2")}
-T5_FOLDERS = ("text_encoder_3", "tokenizer_3")
-
-log = logging.getLogger(__name__)
-
-
-def _cast(x, like):
-    return x.to(dtype=like.dtype, device=like.device)
-
-
-def _as_list(prompts):
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a string or a non-empty list of strings")
-    return prompts
-
-
-class TextEncoders(nn.Module):
-    """CLIP-L + CLIP-G (+ optional T5) with their tokenizers; frozen and always in eval mode.
-
-    Attributes: clip_l, clip_g (CLIPTextModelWithProjection), t5 (T5EncoderModel or None), tokenizer_l,
-    tokenizer_g, tokenizer_t5, max_sequence_length (T5 tokens), joint_dim (context channels).
-    Encoder names used by the building blocks: "clip_l", "clip_g".
-    """
-
-    def __init__(self, clip_l, clip_g, tokenizer_l, tokenizer_g, t5=None, tokenizer_t5=None,
-                 max_sequence_length=T5_MAX_LENGTH, joint_dim=None):
-        super().__init__()
-        if t5 is not None and tokenizer_t5 is None:
-            raise ValueError("TextEncoders: a T5 encoder needs tokenizer_t5")
-        if t5 is not None and joint_dim is not None and joint_dim != t5.config.d_model:
-            raise ValueError(f"TextEncoders: joint_dim={joint_dim} but T5 d_model is {t5.config.d_model}")
-        self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
-        self.tokenizer_l, self.tokenizer_g, self.tokenizer_t5 = tokenizer_l, tokenizer_g, tokenizer_t5
-        self.max_sequence_length = int(max_sequence_length)
-        # CLIP length as diffusers takes it: the tokenizer's model_max_length (77 for SD3; unset -> 77)
-        length = getattr(tokenizer_l, "model_max_length", None)
-        self.clip_length = int(length) if length and length <= clip_l.config.max_position_embeddings \
-            else CLIP_MAX_LENGTH
-        self.joint_dim = int(t5.config.d_model if t5 is not None else (joint_dim or JOINT_DIM))
-        clip_dim = clip_l.config.hidden_size + clip_g.config.hidden_size
-        if clip_dim > self.joint_dim:
-            raise ValueError(f"TextEncoders: CLIP-L+CLIP-G width {clip_dim} exceeds the joint dim {self.joint_dim}")
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode=True):  # frozen: never leave eval mode (T5 has dropout)
-        return super().train(False)
-
-    @property
-    def dtype(self):
-        return self.clip_l.dtype
-
-    @property
-    def device(self):
-        return self.clip_l.device
-
-    def _parts(self, encoder):
-        if encoder == "clip_l":
-            return self.clip_l, self.tokenizer_l
-        if encoder == "clip_g":
-            return self.clip_g, self.tokenizer_g
-        raise ValueError(f"unknown CLIP encoder {encoder!r}; expected 'clip_l' or 'clip_g'")
-
-    # ---- building blocks -------------------------------------------------------------------------------------
-
-    def _tokenize(self, prompts, encoder):
-        """-> (input_ids (B,77), content_mask (B,77) bool, indices of truncated prompts)."""
-        _, tok = self._parts(encoder)
-        full = tok(prompts, padding=False, truncation=True, max_length=10**6)["input_ids"]
-        truncated = [i for i, ids in enumerate(full) if len(ids) > self.clip_length]
-        enc = tok(prompts, padding="max_length", max_length=self.clip_length, truncation=True, return_tensors="pt")
-        ids, attn = enc["input_ids"], enc["attention_mask"].bool()
-        n = attn.sum(-1, keepdim=True)                       # BOS + content + EOS
-        pos = torch.arange(ids.shape[1])[None]
-        content = (pos >= 1) & (pos < n - 1)                 # no BOS, EOS, padding
-        return ids.to(self.device), content.to(self.device), truncated
-
-    def tokenize(self, prompts, encoder="clip_l"):
-        """CLIP tokens of `prompts` for "clip_l" / "clip_g": (input_ids (B,77) long, content_mask (B,77) bool).
-
-        content_mask is True at the content tokens (Eq. 10's index set I: no BOS, EOS or padding).
-        Prompts longer than 77 tokens are truncated (keeping the final EOS) with one warning per call."""
-        prompts = _as_list(prompts)
-        ids, content, truncated = self._tokenize(prompts, encoder)
-        self._warn_truncated(prompts, truncated, [])
-        return ids, content
-
-    def token_embeddings(self, input_ids, encoder="clip_l"):
-        """Static token embeddings (B,S,d) of `encoder`, before position embeddings (the paper's E)."""
-        model, _ = self._parts(encoder)
-        return model.text_model.embeddings.token_embedding(input_ids)
-
-    def clip_forward(self, inputs_embeds, input_ids, encoder="clip_l"):
-        """CLIP text tower from static token embeddings: -> (penultimate hidden (B,S,d), pooled projected (B,p)).
-
-        inputs_embeds (B,S,d) replaces token_embedding(input_ids); input_ids (B,S) only decide the EOS position
-        for pooling (transformers' rule: argmax id if config.eos_token_id == 2, else the first eos_token_id).
-        S may be less than 77 if every row still holds its EOS (causal attention: earlier positions are exact).
-        Differentiable w.r.t. inputs_embeds; equals model(input_ids, output_hidden_states=True)
-        (hidden_states[-2], text_embeds) when inputs_embeds = token_embeddings(input_ids)."""
-        model, _ = self._parts(encoder)
-        tm = model.text_model
-        x = tm.embeddings(inputs_embeds=inputs_embeds.to(model.dtype))
-        S = x.shape[1]
-        mask = torch.full((S, S), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device).triu(1)[None, None]
-        penultimate = x
-        for i, layer in enumerate(tm.encoder.layers):
-            x = layer(x, mask)
-            if i == len(tm.encoder.layers) - 2:
-                penultimate = x
-        x = tm.final_layer_norm(x)
-        ids = input_ids.to(device=x.device, dtype=torch.int)
-        if tm.eos_token_id == 2:   # legacy configs (SD3's): EOS is the largest id
-            eos = ids.argmax(dim=-1)
-        else:
-            eos = (ids == tm.eos_token_id).int().argmax(dim=-1)
-        pooled = model.text_projection(x[torch.arange(x.shape[0], device=x.device), eos])
-        return penultimate, pooled
-
-    @torch.no_grad()
-    def encode_clip(self, prompts, encoder="clip_l", _ids=None):
-        """(penultimate hidden (B,77,d), pooled projected (B,p)) of one CLIP, no perturbation."""
-        prompts = _as_list(prompts)
-        ids = _ids if _ids is not None else self.tokenize(prompts, encoder)[0]
-        model, _ = self._parts(encoder)
-        out = model(input_ids=ids, output_hidden_states=True)
-        return out.hidden_states[-2], out.text_embeds
-
-    @torch.no_grad()
-    def encode_t5(self, prompts, _warn=True):
-        """T5 part of the context (B, max_sequence_length, joint_dim); zeros without T5 (as diffusers)."""
-        prompts = _as_list(prompts)
-        B, T = len(prompts), self.max_sequence_length
-        if self.t5 is None:
-            return torch.zeros(B, T, self.joint_dim, dtype=self.dtype, device=self.device)
-        tok = self.tokenizer_t5
-        ids = tok(prompts, padding="max_length", max_length=T, truncation=True, add_special_tokens=True,
-                  return_tensors="pt")["input_ids"].to(self.t5.device)
-        if _warn:
-            full = tok(prompts, padding=False, truncation=True, max_length=10**6)["input_ids"]
-            self._warn_truncated(prompts, [], [i for i, x in enumerate(full) if len(x) > T])
-        return self.t5(input_ids=ids)[0]
-
-    @torch.no_grad()
-    def encode_parts(self, prompts):
-        """Per-encoder outputs: {"clip_l": (hidden, pooled), "clip_g": (hidden, pooled), "t5": hidden,
-        "input_ids": {"clip_l": ids, "clip_g": ids}, "content_mask": {...}}. One truncation warning per call."""
-        prompts = _as_list(prompts)
-        parts, ids, content, trunc = {}, {}, {}, set()
-        for name in ("clip_l", "clip_g"):
-            ids[name], content[name], tr = self._tokenize(prompts, name)
-            trunc.update(tr)
-            parts[name] = self.encode_clip(prompts, name, _ids=ids[name])
-        t5_trunc = []
-        if self.t5 is not None:
-            full = self.tokenizer_t5(prompts, padding=False, truncation=True, max_length=10**6)["input_ids"]
-            t5_trunc = [i for i, x in enumerate(full) if len(x) > self.max_sequence_length]
-        self._warn_truncated(prompts, sorted(trunc), t5_trunc)
-        parts["t5"] = self.encode_t5(prompts, _warn=False)
-        parts["input_ids"], parts["content_mask"] = ids, content
-        return parts
-
-    def assemble(self, clip_l, clip_g, t5):
-        """(context (..., 77+T, joint_dim), pooled (..., p_l+p_g)) from per-encoder parts.
-
-        clip_l, clip_g: (hidden (...,77,d), pooled (...,p)); t5: (...,T,joint_dim). Leading dims broadcast, so a
-        perturbed CLIP-L of shape (P,K,77,d) combines with unchanged CLIP-G / T5 parts of shape (P,1,...)."""
-        (hl, pl), (hg, pg) = clip_l, clip_g
-        lead = torch.broadcast_shapes(hl.shape[:-2], hg.shape[:-2], t5.shape[:-2], pl.shape[:-1], pg.shape[:-1])
-        hl, hg = hl.expand(*lead, *hl.shape[-2:]), hg.expand(*lead, *hg.shape[-2:])
-        clip = torch.cat([hl, _cast(hg, hl)], dim=-1)
-        clip = nn.functional.pad(clip, (0, self.joint_dim - clip.shape[-1]))
-        context = torch.cat([clip, _cast(t5, clip).expand(*lead, *t5.shape[-2:])], dim=-2)
-        pooled = torch.cat([pl.expand(*lead, pl.shape[-1]), _cast(pg, pl).expand(*lead, pg.shape[-1])], dim=-1)
-        return context, pooled
-
-    @torch.no_grad()
-    def encode(self, prompts):
-        """(context (B, 77+T, joint_dim), pooled (B, p_l+p_g)) == diffusers SD3 encode_prompt (no CFG)."""
-        parts = self.encode_parts(prompts)
-        return self.assemble(parts["clip_l"], parts["clip_g"], parts["t5"])
-
-    def _warn_truncated(self, prompts, clip_idx, t5_idx):
-        msgs = []
-        if clip_idx:
-            msgs.append(f"{len(clip_idx)} prompt(s) exceed CLIP's {self.clip_length} tokens and were truncated "
-                        f"(first: {prompts[clip_idx[0]][:80]!r})")
-        if t5_idx:
-            msgs.append(f"{len(t5_idx)} prompt(s) exceed T5's max_sequence_length={self.max_sequence_length} "
-                        f"and were truncated (first: {prompts[t5_idx[0]][:80]!r})")
-        if msgs:
-            warnings.warn("; ".join(msgs), stacklevel=3)
-
-
-# ---- loading ---------------------------------------------------------------------------------------------------
-
-def _num_blocks(sd, prefix):
-    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
-    if idx != set(range(len(idx))):
-        raise ValueError(f"non-contiguous layer indices under {prefix!r}: {sorted(idx)}")
-    return len(idx)
-
-
-def _check_text_keys(model, sd, file):
-    expected = set(model.state_dict().keys())
-    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{file}: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                         f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-
-
-def clip_from_state_dict(sd, encoder, tokenizer, file="<state dict>", dtype=torch.float32, device="cpu"):
-    """CLIPTextModelWithProjection from a transformers-layout state dict; config inferred from shapes."""
-    sd = {k: v for k, v in sd.items() if k != "text_model.embeddings.position_ids"}
-    need = ["text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
-            "text_model.encoder.layers.0.mlp.fc1.weight"]
-    for k in need:
-        if k not in sd:
-            raise ValueError(f"{file}: missing key {k!r} (expected the transformers CLIP text layout)")
-    vocab, hidden = sd[need[0]].shape
-    if hidden % HEAD_DIM:
-        raise ValueError(f"{file}: hidden size {hidden} is not a multiple of head_dim {HEAD_DIM}")
-    if "text_projection.weight" not in sd:
-        if encoder != "clip_l":
-            raise ValueError(f"{file}: missing key 'text_projection.weight'")
-        warnings.warn(f"{file}: no text_projection.weight; using identity (pooled = EOS state, as SD3's reference)")
-        sd["text_projection.weight"] = torch.eye(hidden)
-    cfg = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=sd[need[2]].shape[0],
-        num_hidden_layers=_num_blocks(sd, "text_model.encoder.layers."), num_attention_heads=hidden // HEAD_DIM,
-        max_position_embeddings=sd[need[1]].shape[0], projection_dim=sd["text_projection.weight"].shape[0],
-        hidden_act=CLIP_ACT[encoder], layer_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with torch.device("meta"):
-        model = CLIPTextModelWithProjection(cfg)
-    _check_text_keys(model, sd, file)
-    model.load_state_dict({k: v.to(dtype=dtype, device=device) for k, v in sd.items()}, strict=True, assign=True)
-    emb = model.text_model.embeddings
-    emb.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings, device=device)[None],
-                        persistent=False)
-    return model
-
-
-def t5_from_state_dict(sd, file="<state dict>", dtype=torch.float32, device="cpu"):
-    """T5EncoderModel (v1.1 style) from a transformers-layout state dict; config inferred from shapes."""
-    need = ["shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight",
-            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
-    for k in need:
-        if k not in sd:
-            raise ValueError(f"{file}: missing key {k!r} (expected the transformers T5 encoder layout)")
-    sd = dict(sd)
-    sd.setdefault("encoder.embed_tokens.weight", sd["shared.weight"])
-    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
-    wi = "encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"
-    if wi not in sd:
-        raise ValueError(f"{file}: missing key {wi!r}")
-    vocab, d_model = sd["shared.weight"].shape
-    cfg = T5Config(vocab_size=vocab, d_model=d_model, d_kv=HEAD_DIM, num_heads=sd[need[1]].shape[0] // HEAD_DIM,
-                   d_ff=sd[wi].shape[0], num_layers=_num_blocks(sd, "encoder.block."),
-                   relative_attention_num_buckets=sd[need[2]].shape[0],
-                   feed_forward_proj="gated-gelu" if gated else "relu", is_encoder_decoder=False, use_cache=False)
-    with torch.device("meta"):
-        model = T5EncoderModel(cfg)
-    _check_text_keys(model, sd, file)
-    model.load_state_dict({k: v.to(dtype=dtype, device=device) for k, v in sd.items()}, strict=True, assign=True)
-    model.encoder.embed_tokens = model.shared
-    return model
-
-
-def _tokenizer(root, folder):
-    path = os.path.join(root, folder)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer folder {path} not found (a pipeline root needs tokenizer/, tokenizer_2/"
-                                f" and, with T5, tokenizer_3/; pass tokenizer_path=ROOT)")
-    return AutoTokenizer.from_pretrained(path)
-
-
-def load_text_encoders(path, dtype=torch.float32, device="cpu", t5=True, max_sequence_length=T5_MAX_LENGTH,
-                       joint_dim=None, tokenizer_path=None):
-    """Load CLIP-L, CLIP-G and (optionally) T5 -> TextEncoders (frozen, eval).
-
-    path: a diffusers pipeline root (text_encoder/, text_encoder_2/, [text_encoder_3/], tokenizer{,_2,_3}/); or the
-    single files clip_l.safetensors, clip_g.safetensors [, t5xxl_fp16.safetensors | t5xxl.safetensors], either in
-    `path` itself (e.g. the HF repo's text_encoders/ folder) or in path/text_encoders/ when path has no diffusers
-    folders (a root with both loads the diffusers folders; pass ROOT/text_encoders to force the single files).
-    Tokenizers come from tokenizer_path, default the root (path, or the parent of a text_encoders/ folder).
-    t5=False, or no T5 weights (a logged warning), gives a zero T5 part of width joint_dim (default: the root's
-    transformer/config.json joint_attention_dim, else 4096); with T5, joint_dim is T5's d_model."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"text encoder path {path} is not a folder (expected a pipeline root or a folder "
-                                f"with {CLIP_FILES['clip_l']}, {CLIP_FILES['clip_g']})")
-    has = lambda *p: os.path.exists(os.path.join(path, *p))
-    if has(CLIP_FILES["clip_l"]):                                   # the text_encoders/ folder itself
-        folder = path
-        root = path if has("tokenizer") else os.path.dirname(os.path.abspath(path))
-    elif has("text_encoder") and has("text_encoder_2"):             # diffusers pipeline root
-        folder, root = None, path
-    elif has("text_encoders", CLIP_FILES["clip_l"]):                # root with single files only
-        folder, root = os.path.join(path, "text_encoders"), path
-    else:
-        raise FileNotFoundError(f"{path}: neither a pipeline root (text_encoder/, text_encoder_2/) nor a folder with "
-                                f"{CLIP_FILES['clip_l']} (directly or under text_encoders/)")
-    tok_root = os.fspath(tokenizer_path) if tokenizer_path is not None else root
-    clips, toks = {}, {}
-    for name, (enc_dir, tok_dir) in CLIP_FOLDERS.items():
-        toks[name] = _tokenizer(tok_root, tok_dir)
-        if folder is None:
-            clips[name] = CLIPTextModelWithProjection.from_pretrained(os.path.join(root, enc_dir), dtype=dtype)
-        else:
-            file = os.path.join(folder, CLIP_FILES[name])
-            if not os.path.isfile(file):
-                raise FileNotFoundError(f"{file} not found")
-            clips[name] = clip_from_state_dict(load_file(file), name, toks[name], file, dtype=dtype)
-    t5_model = None
-    if t5 and folder is None:
-        t5_dir = os.path.join(root, T5_FOLDERS[0])
-        if os.path.isdir(t5_dir):
-            t5_model = T5EncoderModel.from_pretrained(t5_dir, dtype=dtype)
-        else:
-            log.warning(f"{t5_dir} not found: the T5 part of the context will be zeros")
-    elif t5:
-        files = [os.path.join(folder, f) for f in T5_FILES if os.path.isfile(os.path.join(folder, f))]
-        if files:
-            t5_model = t5_from_state_dict(load_file(files[0]), files[0], dtype=dtype)
-        else:
-            log.warning(f"no {' / '.join(T5_FILES)} in {folder}: the T5 part of the context will be zeros")
-    tok_t5 = _tokenizer(tok_root, T5_FOLDERS[1]) if t5_model is not None else None
-    if t5_model is None and joint_dim is None:
-        cfg_file = os.path.join(root, "transformer", "config.json")
-        if os.path.isfile(cfg_file):
-            with open(cfg_file) as f:
-                joint_dim = json.load(f).get("joint_attention_dim")
-    te = TextEncoders(clips["clip_l"], clips["clip_g"], toks["clip_l"], toks["clip_g"], t5_model, tok_t5,
-                      max_sequence_length=max_sequence_length, joint_dim=joint_dim)
-    return te.to(device)
