@@ -461,7 +461,7 @@ def tiny_text_encoders(device, dtype, real_size=False, weights=TINY_WEIGHTS):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
     TextEncoders, load_text_encoders = text_stack()
     if not real_size and (weights / "text_encoder").is_dir():
-        return load_text_encoders(str(weights), dtype=dtype, device=device, t5=False, max_sequence_length=8)
+        return load_text_encoders(str(weights), dtype=dtype, device=device, t5=False)
     from data.shapes import world
     root = Path(tempfile.mkdtemp(prefix="bench_text_"))
     toks, towers = [], []

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import load_text_encoders
+from model import DEFAULT_WEIGHTS, load_text_encoders
 
 NUM_VARIANTS = 12     # K, counts the original prompt (K = 1: the DiffusionNFT baseline, no perturbation)
 STEPS = 300           # T_emb
@@ -66,7 +66,6 @@ MU = 0.8              # anchor target cosine μ
 EPS = 0.01            # anchor margin ε
 ENCODERS = ("clip_l",)  # ("clip_l", "clip_g") = the paper's unstable ablation
 SEED = 0
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes", "sd3_tiny")
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""Rewards for E2PO: GenEval (in-process, no mmdet), PickScore, CLIPScore, LAION Aesthetic, HPSv2.1,
-"shapes" (GenEval scoring with the shapes world's numpy detector) and "shapes_soft" (the same partial score
-averaged over detection thresholds: the world's dense training reward), behind one interface.
+"""Rewards for E2PO: GenEval (in-process, no mmdet), PickScore, CLIPScore, LAION Aesthetic and HPSv2.1 behind one
+interface, and GenEval's scoring rules around any detector. Other code adds rewards with `register` (the shapes
+world registers "shapes" and "shapes_soft", its GenEval scores with its own numpy detector, from data/shapes/world.py;
+train.py imports the module named by its `reward_module` setting).
 
     fn = reward.build({"pickscore": 1.0}, paths={"pickscore": ..., "pickscore_processor": ...}, device="cuda")
     scores = fn(images, prompts, metadata)   # images (B,3,H,W) float in [0,1]
@@ -48,8 +49,8 @@ Departures from the references:
   Their code appends a 1.0 term even after a failed relative-position check; we keep that quirk by
   default for parity with the paper's training reward (`POSITION_QUIRK = False` gives a clean 0 term).
   Strict = GenEval's `evaluate` (>= count among the most confident, colour/position on those, excludes).
-- `soft_geneval_score` (reward "shapes_soft") is ours, not GenEval's: the partial score averaged over
-  thresholds 0, 0.1, ..., 0.9, for the shapes world, whose tiny model rarely clears GenEval's 0.3 / 0.9.
+- `soft_geneval_score` (`geneval_from_detector(..., soft=True)`) is ours, not GenEval's: the partial score averaged
+  over thresholds 0, 0.1, ..., 0.9, a dense reward for models that rarely clear GenEval's 0.3 / 0.9.
 - transformers builds Mask2Former's training loss (needs scipy) in the constructor; when scipy is
   missing we build it with an inference-only stub instead (see `build_mask2former`).
 """
@@ -740,23 +741,6 @@ def geneval_reward(paths: dict, device="cpu", dtype=None):
     return geneval_from_detector(detector, "geneval", ColorClassifier(load_clip(clip_l, None, device, dtype)))
 
 
-def _shapes_detect(images):
-    """The shapes world's numpy detector on a batch of tensors (it sets each Detection's colour; no weights)."""
-    from data.shapes.world import detect
-    return detect(images.detach().float().cpu())
-
-
-def shapes_reward(paths: dict, device="cpu", dtype=None):
-    """GenEval scoring with the shapes world's numpy detector."""
-    return geneval_from_detector(_shapes_detect, "shapes")
-
-
-def shapes_soft_reward(paths: dict, device="cpu", dtype=None):
-    """The shapes world's GenEval partial score averaged over detection thresholds (soft_geneval_score): the
-    world's training reward, dense enough for a few thousand rollouts on a tiny model; evaluate with "shapes"."""
-    return geneval_from_detector(_shapes_detect, "shapes_soft", soft=True)
-
-
 def _clip_pair_scores(clip: ClipBundle, images, prompts, logit_scale: bool = False):
     with clip.lock:
         img = clip.image_embeds(images)
@@ -842,15 +826,23 @@ def aesthetic_reward(paths: dict, device="cpu", dtype=None):
 
 REWARDS: dict[str, Callable] = {
     "geneval": geneval_reward, "pickscore": pickscore_reward, "clipscore": clipscore_reward,
-    "aesthetic": aesthetic_reward, "hpsv2": hpsv2_reward, "shapes": shapes_reward, "shapes_soft": shapes_soft_reward,
+    "aesthetic": aesthetic_reward, "hpsv2": hpsv2_reward,
 }
 REQUIRED_PATHS = {   # checked for every named reward before any model loads
     "geneval": ["mask2former", "clip_l"], "pickscore": ["pickscore", "pickscore_processor"],
-    "clipscore": ["clip_l"], "aesthetic": ["clip_l", "aesthetic"], "hpsv2": ["hpsv2", "hpsv2_processor"], "shapes": [],
-    "shapes_soft": [],
+    "clipscore": ["clip_l"], "aesthetic": ["clip_l", "aesthetic"], "hpsv2": ["hpsv2", "hpsv2_processor"],
 }
+NEEDS_METADATA = {"geneval"}   # rewards that score GenEval metadata ("tag", "include"), not only the prompt text
 
-NEEDS_METADATA = {"geneval", "shapes", "shapes_soft"}   # score GenEval metadata ("tag", "include"), not only the text
+
+def register(name: str, factory: Callable, paths=(), needs_metadata: bool = False) -> None:
+    """Add a reward: factory(paths, device, dtype) -> fn(images, prompts, metadata) -> {name: (B,), ...}; `paths` are
+    the reward_paths keys it needs (checked before anything loads); needs_metadata: it scores GenEval metadata."""
+    if name in REWARDS and REWARDS[name] is not factory:
+        raise ValueError(f"reward {name!r} is registered already")
+    REWARDS[name], REQUIRED_PATHS[name] = factory, list(paths)
+    if needs_metadata:
+        NEEDS_METADATA.add(name)
 
 
 def parse_spec(spec) -> dict[str, float]:

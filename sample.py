@@ -71,9 +71,6 @@ LATENT_SIZE = (64, 64)       # 512² images through the 8× VAE
 MICRO_BATCH = 8
 SOLVERS = ("euler", "dpm2m", "sde")
 SCHEDULES = ("noise_aware", "static")
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "data" / "shapes" / "sd3_tiny"
-WORLD_SIZE = 64              # the default world's image side (data/shapes/world.py SIZE)
-WORLD_T5_TOKENS = 8          # ... and its zero "T5" tokens, as it was pretrained (SD3.5: 256 real ones)
 
 
 # -----------------------------------------------------------------------------
@@ -365,23 +362,6 @@ def _load_model_lib():
     return model_lib
 
 
-def _load_text_encoders(path, dtype, device, **kw):
-    return _load_model_lib().load_text_encoders(path, dtype=dtype, device=device, **kw)   # no T5 there: a zero T5 part
-
-
-def native_size(weights):
-    """Image side a pipeline root was made for: transformer/config.json sample_size (latent side) × the VAE factor
-    2^(levels−1); None when `weights` is not such a folder or says nothing."""
-    import json
-    root = Path(weights)
-    cfg_t, cfg_v = root / "transformer" / "config.json", root / "vae" / "config.json"
-    if not root.is_dir() or not cfg_t.is_file():
-        return None
-    sample_size = json.loads(cfg_t.read_text()).get("sample_size")
-    factor = 2 ** (len(json.loads(cfg_v.read_text()).get("block_out_channels", [0] * 4)) - 1) if cfg_v.is_file() else 8
-    return None if sample_size is None else sample_size * factor
-
-
 def _to_pil(img):
     from PIL import Image
     arr = (img.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
@@ -403,7 +383,8 @@ def save_grid(images, path, ncols):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Sample images from an SD3/SD3.5 model (default: the shapes world).")
     ap.add_argument("--prompt", required=True)
-    ap.add_argument("--weights", default=None, help=f"pipeline root, transformer/ folder or single file (default {DEFAULT_WEIGHTS})")
+    ap.add_argument("--weights", default=None, help="pipeline root, transformer/ folder or single file (default: the "
+                    "shapes world, data/shapes/sd3_tiny)")
     ap.add_argument("--text_encoders", default=None, help="pipeline root with text_encoder/, tokenizer/… (default: --weights)")
     ap.add_argument("--lora", default=None, help="LoRA safetensors (model.save_lora format)")
     ap.add_argument("--num_images", type=int, default=4, help="noises per variant")
@@ -416,7 +397,8 @@ def main(argv=None):
     ap.add_argument("--rho", type=float, default=RHO)
     ap.add_argument("--delta_max", type=float, default=None,
                     help="Phase I's ‖δ‖max (default: perturb.py's 0.05 for SD3.5's CLIP-L; the shapes world trains with 0.025)")
-    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default world: 64; else the model's native size, else 512)")
+    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default: the pipeline's native size "
+                    "(the world: 64), else 512)")
     ap.add_argument("--guidance_scale", type=float, default=1.0)
     ap.add_argument("--micro_batch", type=int, default=MICRO_BATCH)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -429,7 +411,8 @@ def main(argv=None):
         raise ValueError("--num_images, --num_variants and --steps must be >= 1")
     if args.num_variants > 1 and args.guidance_scale != 1.0:
         raise ValueError("--num_variants > 1 samples without CFG (as E²PO does); leave --guidance_scale at 1")
-    weights = Path(args.weights) if args.weights else DEFAULT_WEIGHTS
+    model_lib = _load_model_lib()
+    weights = Path(args.weights or model_lib.DEFAULT_WEIGHTS)
     if not weights.exists():
         if args.weights is None:
             raise FileNotFoundError(f"the default world's model is missing: {weights} (build it with "
@@ -447,17 +430,13 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise PermissionError(f"--out {out} is not writable")
-    # default world: its render size (its transformer config's sample_size is the pos-embed grid, not the training size)
-    size = args.size or (WORLD_SIZE if weights.resolve() == DEFAULT_WEIGHTS else native_size(weights) or 512)
+    size = args.size or model_lib.native_size(weights) or 512
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    model_lib = _load_model_lib()
     mmdit = model_lib.load_mmdit(weights, device=device).eval()
     vae = model_lib.load_vae(weights, device=device).eval()
-    # the world was pretrained with 8 zero T5 tokens; 256 of them (the SD3.5 default) wash out its CLIP tokens
-    world = {"t5": False, "max_sequence_length": WORLD_T5_TOKENS} if te_path.resolve() == DEFAULT_WEIGHTS else {}
-    text = _load_text_encoders(te_path, torch.float32, device, **world)
+    text = model_lib.load_text_encoders(te_path, device=device)   # T5 tokens: the pipeline's own (the world: 8 zeros)
     factor = vae.factor                                                       # 8 for SD3's VAE
     patch = getattr(getattr(mmdit, "cfg", None), "patch_size", 2)
     if size % (factor * patch):

@@ -1251,22 +1251,38 @@ def test_cli_writes_images(tmp_path, capsys, monkeypatch):
         S.main(["--prompt", "  ", "--weights", str(tmp_path / "root")])
     (tmp_path / "afile").write_text("x")
     loads = []
-    monkeypatch.setattr(S, "_load_model_lib", lambda: loads.append(1))      # the check comes before any loading
+    monkeypatch.setattr(model, "load_mmdit", lambda *a, **k: loads.append(1))      # the check comes before loading
     with pytest.raises(NotADirectoryError, match="afile is a file"):
         S.main(["--prompt", "x", "--weights", str(tmp_path / "root"), "--out", str(tmp_path / "afile")])
     assert not loads
 
 
-def test_cli_reads_the_default_world_with_its_eight_zero_t5_tokens(tmp_path, monkeypatch):
+def test_cli_reads_the_default_world_with_its_own_t5_tokens_and_size(tmp_path, monkeypatch):
+    """The world's pipeline declares its zero T5 tokens (e2po.json; 256, diffusers' default, wash out its CLIP
+    tokens) and its size (transformer sample_size × VAE factor); the CLI takes both, however the folder is named."""
     seen = {}
-    real = S._load_text_encoders
-    monkeypatch.setattr(S, "_load_text_encoders", lambda *a, **kw: seen.setdefault("te", real(*a, **kw)))
-    spelled = os.path.join(str(S.DEFAULT_WEIGHTS), "..", "sd3_tiny")      # the same folder, named explicitly
+    real = model.load_text_encoders
+    monkeypatch.setattr(model, "load_text_encoders", lambda *a, **kw: seen.setdefault("te", real(*a, **kw)))
+    notes = model.pipeline_notes(model.DEFAULT_WEIGHTS)
+    assert notes["max_sequence_length"] < model.T5_MAX_LENGTH
+    spelled = os.path.join(model.DEFAULT_WEIGHTS, "..", "sd3_tiny")      # the same folder, named explicitly
     for extra in ([], ["--weights", spelled]):
         seen.clear()
         S.main(["--prompt", "a photo of a red circle", "--num_images", "1", "--steps", "2", "--out", str(tmp_path)] + extra)
-        assert seen["te"].t5 is None and seen["te"].max_sequence_length == train.max_sequence_length == 8
-        assert Image.open(tmp_path / "k0_g0.png").size == (S.WORLD_SIZE, S.WORLD_SIZE)
+        assert seen["te"].t5 is None and seen["te"].max_sequence_length == notes["max_sequence_length"]
+        side = model.native_size(model.DEFAULT_WEIGHTS)
+        assert Image.open(tmp_path / "k0_g0.png").size == (side, side)
+
+
+def test_model_pipeline_notes_decide_the_zero_t5_tokens(text_stack, tmp_path):
+    import shutil
+    root = tmp_path / "root"
+    shutil.copytree(text_stack["root"], root, ignore=shutil.ignore_patterns("text_encoder_3", "text_encoders"))
+    assert model.load_text_encoders(root, t5=False).max_sequence_length == model.T5_MAX_LENGTH   # diffusers' 256
+    (root / model.PIPELINE_NOTES).write_text(json.dumps({"max_sequence_length": 5}))
+    te = model.load_text_encoders(root, t5=False)
+    assert te.max_sequence_length == 5 and te.encode(["a red circle"])[0].shape[1] == te.clip_length + 5
+    assert model.load_text_encoders(root, t5=False, max_sequence_length=7).max_sequence_length == 7
 
 
 def test_variant_spread_separates_the_variants_from_the_noise():
@@ -1680,9 +1696,9 @@ def test_geneval_pipeline_detects_and_classifies(tiny):
 
 
 def test_shapes_reward_uses_world_detector(monkeypatch):
-    world = types.ModuleType("data.shapes.world")
-    world.detect = lambda images: [[Detection("circle", 1.0, (0, 0, 5, 5), None, "red")] for _ in range(len(images))]
-    monkeypatch.setitem(sys.modules, "data.shapes.world", world)
+    """The world registers "shapes": GenEval's scoring rules around whatever world.detect finds."""
+    monkeypatch.setattr(world, "detect", lambda images: [[Detection("circle", 1.0, (0, 0, 5, 5), None, "red")]
+                                                         for _ in range(len(images))])
     meta = [{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": c}]} for c in ("red", "blue")]
     out = reward.build("shapes")(torch.rand(2, 3, 8, 8), ["a red circle", "a blue circle"], meta)
     assert out["shapes"].tolist() == [1.0, 0.5] and out["shapes_strict"].tolist() == [1.0, 0.0]
@@ -2464,7 +2480,7 @@ def test_eval_draws_the_same_noise_for_every_seed(tiny_root, tmp_path, fake_rewa
 def test_default_world_runs_from_the_shipped_model(tmp_path):
     """`python train.py` as shipped (the pretrained world in data/shapes/sd3_tiny, the real shapes reward),
     shrunk to two short iterations: the real loaders, Δ, rollouts, detector, update and outputs all run."""
-    assert os.path.isfile(os.path.join(train.DEFAULT_WEIGHTS, "transformer", "config.json")), \
+    assert os.path.isfile(os.path.join(model.DEFAULT_WEIGHTS, "transformer", "config.json")), \
         "data/shapes/sd3_tiny is missing: run python data/shapes/pretrain.py"
     train.train(dict(out_dir=str(tmp_path), max_steps=2, prompts_per_step=2, emb_steps=5, eval_every=2,
                      eval_num_prompts=4, eval_num_images=1, eval_sample_steps=4, log_images_every=1, save_every=0))

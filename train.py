@@ -54,6 +54,7 @@ Where this departs from the paper / DiffusionNFT's code
 """
 
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -67,7 +68,14 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+import model as M
+import perturb
+import reward as R
+import sample
+from configurator import configure
 
 # -----------------------------------------------------------------------------
 # default config: the shapes world (config/shapes.py repeats these values)
@@ -83,10 +91,10 @@ wandb_log = False           # only if wandb is installed
 wandb_project = "e2po"
 wandb_run_name = ""
 # model and data
-weights = ""                # pipeline root or single-file checkpoint; "" = data/shapes/sd3_tiny
+weights = ""                # pipeline root or single-file checkpoint; "" = the shapes world (data/shapes/sd3_tiny)
 text_encoders = ""          # pipeline root holding text_encoder*/tokenizer*; "" = weights (or its folder)
 use_t5 = False              # SD3.5 uses T5-XXL; the shapes world has no T5
-max_sequence_length = 8     # T5 tokens (the world has no T5: 8 zero tokens, as it was pretrained; SD3.5: 256)
+max_sequence_length = 0     # T5 tokens; 0 = the pipeline's own (its e2po.json: the world's 8 zeros), else 256
 train_prompts = "data/shapes/train.jsonl"   # GenEval-format jsonl (key "prompt") or .txt, one prompt a line
 eval_prompts = "data/shapes/test.jsonl"
 eval_num_prompts = 0        # first N held-out prompts (0 = all)
@@ -95,6 +103,7 @@ eval_num_images = 16        # images per held-out prompt (noise keyed by prompt 
 reward = "shapes_soft"      # "name" or "name:weight,name:weight" (reward.py); the world trains on the GenEval
                             # partial score averaged over detection thresholds (dense), and evaluates GenEval's
 reward_paths = {}           # local model folders, e.g. {"pickscore": "/models/PickScore_v1"}
+reward_module = "data.shapes.world"   # imported first: registers rewards of its own (the world's shapes, shapes_soft)
 eval_reward = "shapes"      # reward for evaluation; "" = reward
 # E²PO groups
 num_variants = 4            # K: the original prompt + K−1 perturbed variants
@@ -120,7 +129,7 @@ train_sample_steps = 10
 train_solver = "dpm2m"
 eval_sample_steps = 20      # paper: 40 (the SD3.5 presets); 20 keeps the world's evaluations cheap
 eval_solver = "euler"
-resolution = 64             # pixels (the shapes world renders 64²; SD3.5 presets 512); 0 = transformer/config.json sample_size × VAE factor
+resolution = 0              # pixels; 0 = the pipeline's native size (sample_size × VAE factor: the world's 64)
 # LoRA
 lora_rank = 32
 lora_alpha = 64.0
@@ -158,7 +167,6 @@ CONFIG_KEYS = [k for k, v in globals().items()
                if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, list, dict))]
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_WEIGHTS = os.path.join(REPO, "data", "shapes", "sd3_tiny")
 ADV_EPS = 1e-4              # DiffusionNFT: (R − mean) / (std + 1e-4)
 
 
@@ -416,25 +424,31 @@ def validate_config(cfg, world_size):
     if cfg.decay_type not in (0, 1, 2):
         bad(f"decay_type must be 0, 1 or 2, got {cfg.decay_type}")
     # files
-    cfg.weights = resolve_path(cfg.weights) or DEFAULT_WEIGHTS
+    cfg.weights = resolve_path(cfg.weights) or M.DEFAULT_WEIGHTS
     if not os.path.exists(cfg.weights):
-        hint = " (build the default world with: python data/shapes/pretrain.py)" if cfg.weights == DEFAULT_WEIGHTS else ""
+        hint = " (build the default world with: python data/shapes/pretrain.py)" if cfg.weights == M.DEFAULT_WEIGHTS else ""
         raise FileNotFoundError(f"config: weights {cfg.weights!r} does not exist{hint}")
     cfg.text_encoders = resolve_path(cfg.text_encoders) or (
         cfg.weights if os.path.isdir(cfg.weights) else os.path.dirname(cfg.weights))
     if not os.path.isdir(cfg.text_encoders):
         raise FileNotFoundError(f"config: text_encoders {cfg.text_encoders!r} is not a pipeline root folder")
-    import model as M   # the safetensors headers only: no tensor is read
+
+    if not cfg.max_sequence_length:
+        cfg.max_sequence_length = M.pipeline_notes(cfg.text_encoders).get("max_sequence_length", M.T5_MAX_LENGTH)
     if not cfg.resolution:
-        import sample
-        cfg.resolution = sample.native_size(cfg.weights) or 0
+        cfg.resolution = M.native_size(cfg.weights) or 0
         if not cfg.resolution:
             bad(f"resolution=0 but the native size cannot be read from {cfg.weights!r}; set --resolution")
     step = M.pixels_per_token(cfg.weights)
     if cfg.resolution % step:
         bad(f"resolution={cfg.resolution} must be a multiple of {step} (the VAE factor × the patch size of "
             f"{cfg.weights})")
-    import reward as R   # light: the reward models load in build_run
+
+    if cfg.reward_module:
+        try:
+            importlib.import_module(cfg.reward_module)
+        except ImportError as e:
+            bad(f"reward_module {cfg.reward_module!r} cannot be imported ({e})")
     for spec_key in ("reward", "eval_reward"):   # reward.py's own check: its path shortcuts, files and repo ids
         R.check_paths(parse_reward_spec(getattr(cfg, spec_key) or cfg.reward), cfg.reward_paths)
     for name, path in cfg.reward_paths.items():
@@ -590,7 +604,6 @@ def set_rng_state(state):
 
 def save_checkpoint(run, step):
     """Adapters (policy, old, ema), optimizer, scaler, step, per-rank RNG states, config → out_dir/ckpt.pt."""
-    import model as M
     states = [None] * run.world.world_size
     if run.world.ddp:
         dist.all_gather_object(states, rng_state())
@@ -607,7 +620,6 @@ def save_checkpoint(run, step):
 def restore_checkpoint(run, ckpt):
     """Load everything save_checkpoint wrote, then apply the settings a resume may change (the optimizer's
     hyperparameters among them); returns the step to continue from."""
-    import model as M
     for a, sd in ckpt["adapters"].items():
         if a not in run.adapters:   # e.g. an "ema" in the checkpoint of a run resumed with use_ema=False
             continue
@@ -632,7 +644,6 @@ def restore_checkpoint(run, ckpt):
 
 def plot_curves(rows, path, keys=("reward_mean", "reward_std", "zero_std_ratio", "eval_reward", "policy_loss", "kl")):
     """One small panel per logged series (x = step), drawn with ImageDraw."""
-    from PIL import Image, ImageDraw
     keys = [k for k in keys if any(k in r for r in rows)]
     if not keys:
         return
@@ -721,14 +732,11 @@ def config_to_json(cfg):
 
 def build_run(cfg, world):
     """Load the frozen models, add the policy/old/ema adapters, optimizer and reward functions."""
-    import model as M
-    from model import load_text_encoders
-    import reward as R
     dev = world.device
     ctx, wdtype, mmdit_dtype, scaler = precision(cfg, dev)
     mmdit = M.load_mmdit(cfg.weights, dtype=mmdit_dtype, device=dev)
     vae = M.load_vae(cfg.weights, dtype=wdtype, device=dev)
-    text = load_text_encoders(cfg.text_encoders, dtype=wdtype, device=dev, t5=cfg.use_t5,
+    text = M.load_text_encoders(cfg.text_encoders, dtype=wdtype, device=dev, t5=cfg.use_t5,
                               max_sequence_length=cfg.max_sequence_length)
     for module in (mmdit, vae, text):
         module.requires_grad_(False).eval()
@@ -774,7 +782,6 @@ def local_prompts(run, step):
 def learn_deltas(run, step, items):
     """Phase I for this rank's prompts → Perturbed (P_local, K, ...). perturb.py seeds Δ's init by
     (seed, prompt), so a prompt gets the same Δ whatever batch or rank it is in; the seed changes per step."""
-    import perturb
     cfg = run.cfg
     return perturb.learn_perturbations(
         run.text, [it["prompt"] for it in items], num_variants=cfg.num_variants, steps=cfg.emb_steps,
@@ -806,7 +813,6 @@ def score(reward_fn, images, prompts, metadata):
 def rollout(run, step, slots, items, perturbed):
     """Group rollouts with the old adapter, prompt by prompt; each group's reward is computed in the
     background while the next group samples. Returns (groups, rewards dict of (N_local,), reward seconds)."""
-    import sample
     cfg = run.cfg
     lat = cfg.resolution // run.vae.factor
     groups, futures = [], []
@@ -854,7 +860,6 @@ def advantages(run, rewards):
 def frozen_velocities(run, x, sigma, context, pooled, with_ref):
     """(v_old, v_ref or None), no grad, in chunks of rollout_micro_batch samples. With the reference, each chunk is
     one forward of the doubled batch under adapters ("old", None): MMDiT rows are independent, so this is exact."""
-    import model as M
     bs, adapters = run.cfg.rollout_micro_batch, ("old", None) if with_ref else "old"
     n = 2 if with_ref else 1
     out = []
@@ -869,8 +874,6 @@ def frozen_velocities(run, x, sigma, context, pooled, with_ref):
 def nft_update(run, step, groups, perturbed, slots, r):
     """One optimizer step of the NFT objective on this rank's samples, conditioned on C_orig only.
     Returns log terms (averaged over ranks), grad norm and whether the step was skipped."""
-    import model as M
-    import sample
     cfg, world, dev, model = run.cfg, run.world, run.world.device, run.model
     x0_all = torch.cat([g.latents for g in groups]).float()
     context, pooled = perturbed.context[:, 0], perturbed.pooled[:, 0]   # C_orig (P_local, S, 4096), (P_local, 2048)
@@ -927,7 +930,6 @@ def nft_update(run, step, groups, perturbed, slots, r):
 @torch.no_grad()
 def update_old_and_ema(run, num_updates):
     """old ← d·old + (1−d)·θ (decay_type schedule); ema ← d'·ema + (1−d')·θ (warm-up)."""
-    import model as M
     d = old_decay(num_updates, run.cfg.decay_type)
     lerp_params_(M.lora_parameters(run.model, "old"), run.params, d)
     if run.cfg.use_ema:
@@ -940,8 +942,6 @@ def evaluate(run, adapter):
     """Held-out prompts × eval_num_images, Euler eval_sample_steps, with `adapter`; the noise is keyed by
     (prompt, image) alone, so every evaluation of every run sees the same draws. Returns ({name: mean over
     images}, this rank's first image of its first prompts)."""
-    import model as M
-    import sample
     cfg, world, dev = run.cfg, run.world, run.world.device
     lat = cfg.resolution // run.vae.factor
     n_img = cfg.eval_num_images
@@ -976,7 +976,6 @@ def evaluate(run, adapter):
 
 
 def run_eval(run, step, tag=None):
-    import sample
     adapter = "ema" if run.cfg.use_ema else "policy"
     means, images = evaluate(run, adapter)
     if run.world.master and images is not None:
@@ -987,7 +986,6 @@ def run_eval(run, step, tag=None):
 
 def save_group_grid(run, step, group):
     """One rollout group: rows = variants (row 0 = the original prompt), columns = seeds."""
-    import sample
     order = torch.argsort(group.variant * run.cfg.num_seeds + group.seed_idx)
     sample.save_grid(group.images[order], os.path.join(run.cfg.out_dir, "groups", f"step_{step:06d}.png"),
                      ncols=run.cfg.num_seeds)
@@ -1068,7 +1066,6 @@ def train(cfg_dict):
 
 def finish(run, logger):
     """Final LoRA files (diffusers-loadable), curves, and the before → after summary line."""
-    import model as M
     cfg = run.cfg
     run.executor.shutdown()
     if run.world.master:
@@ -1089,7 +1086,6 @@ def finish(run, logger):
 
 
 def main(argv):
-    from configurator import configure
     cfg = configure(config_defaults(), argv)
     run = train(cfg)
     if run.world.ddp:

@@ -1,8 +1,8 @@
 # The default world: E²PO on the embedded shapes world (data/shapes/), CPU, minutes.
 # These are exactly the defaults at the top of train.py: `python train.py` == `python train.py config/shapes.py`.
-weights = ""                              # "" = data/shapes/sd3_tiny (built by data/shapes/pretrain.py)
+weights = ""                              # "" = the world's data/shapes/sd3_tiny (data/shapes/pretrain.py)
 use_t5 = False                            # the tiny world has CLIP-shaped encoders only
-max_sequence_length = 8                   # the zero "T5" part the tiny model was pretrained with
+max_sequence_length = 0                   # T5 tokens: the pipeline's own (the world's e2po.json: 8 zeros)
 train_prompts = "data/shapes/train.jsonl"
 eval_prompts = "data/shapes/test.jsonl"
 eval_num_prompts = 0                      # all 34 held-out prompts ...
@@ -11,7 +11,7 @@ eval_sample_steps = 20
 reward = "shapes_soft"                    # train: GenEval partial score averaged over detection thresholds
 reward_paths = {}
 eval_reward = "shapes"                    # evaluate: the world's GenEval scoring (partial and strict)
-resolution = 64                           # the world renders 64² images (data/shapes/world.py SIZE)
+resolution = 0                            # the pipeline's native size (the world: 64)
 delta_max = 0.025                         # ‖δ‖max scaled to the tiny CLIP (paper: 0.05)
 emb_steps = 50                            # T_emb (paper: 300; the ‖δ‖max bound binds within 50 steps here)
 num_variants = 4                          # K

@@ -223,6 +223,7 @@ def save_pipeline(root, dit, vae, towers):
              "tokenizer_3": [None, None], "transformer": ["diffusers", "SD3Transformer2DModel"],
              "vae": ["diffusers", "AutoencoderKL"]}
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    (root / model.PIPELINE_NOTES).write_text(json.dumps({"max_sequence_length": T5_LENGTH}))   # no T5: its zeros
 
 
 @torch.no_grad()
@@ -231,7 +232,7 @@ def first_look(root, n=64):
     import reward
     import sample
     dit, vae = model.load_mmdit(root), model.load_vae(root)
-    text = model.load_text_encoders(root, t5=False, max_sequence_length=T5_LENGTH)
+    text = model.load_text_encoders(root, t5=False)
     metas = world.load_prompts("test")[:n]
     context, pooled = text.encode([m["prompt"] for m in metas])
     g = torch.Generator().manual_seed(SEED)
@@ -240,7 +241,7 @@ def first_look(root, n=64):
     x0 = sample.sample(dit, noise, context, pooled, num_steps=10, solver="dpm2m")
     images = vae.decode(x0)
     scores = reward.build("shapes")(images, [m["prompt"] for m in metas], metas)
-    world.save_grid(images, root.parent / "pretrain_samples.png")
+    sample.save_grid(images, root.parent / "pretrain_samples.png", ncols=8)
     return scores["shapes"].mean().item(), scores["shapes_strict"].float().mean().item()
 
 

@@ -9,7 +9,9 @@ A small procedural world in which the whole E²PO method runs on CPU in minutes:
   counting, colors, color_attr, position), every combination of the world enumerated, split
   train/test by tag (test prompts are held out);
 * a numpy detector `detect(images)` returning `reward.Detection`s (label, score, box, mask, colour)
-  that plugs into reward.py's GenEval scoring in place of Mask2Former + CLIP colour classification;
+  that plugs into reward.py's GenEval scoring in place of Mask2Former + CLIP colour classification, and the
+  world's rewards built on it, registered with reward.py on import: "shapes" (GenEval's partial score, and its
+  strict correctness as "shapes_strict") and "shapes_soft" (the partial score averaged over detection thresholds);
 * `write_clip_tokenizer(out_dir)`: a CLIP BPE tokenizer over the world's words (one token per word,
   unknown words fall back to characters) laid out as SD3's tokenizer/ and tokenizer_2/ folders.
 
@@ -29,10 +31,15 @@ import argparse
 import itertools
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repo root, for `python data/shapes/world.py`
+import reward  # noqa: E402  (the world depends on the core, never the other way round)
+import sample  # noqa: E402
 
 # ----------------------------------------------------------------------------- world constants
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -282,18 +289,6 @@ def render_batch(metas: list[dict], seed: int | np.random.Generator = 0, size: i
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def save_grid(images, path: str | os.PathLike, ncol: int = 8, scale: int = 2) -> None:
-    """Save (B,3,H,W) floats in [0,1] or a list of uint8 HWC arrays as one PNG grid."""
-    ims = _as_hwc_list(images)
-    h, w = ims[0].shape[:2]
-    nrow = (len(ims) + ncol - 1) // ncol
-    grid = np.full((nrow * (h + 2), ncol * (w + 2), 3), 255, np.uint8)
-    for i, im in enumerate(ims):
-        r, c = divmod(i, ncol)
-        grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = (im * 255).round().astype(np.uint8)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
-
-
 # ----------------------------------------------------------------------------- detector
 def _as_hwc_list(images) -> list[np.ndarray]:
     """(B,3,H,W) float tensor/array in [0,1], (B,H,W,3) / list of uint8 HWC -> list of float HWC in [0,1]."""
@@ -429,17 +424,36 @@ def detect(images) -> list[list]:
     Detection.label is the shape class, .color the palette colour, .score in [0,1] (low for blurry,
     misshapen or mixed-colour blobs), .box (x0,y0,x1,y1) px, .mask bool (H,W).
     """
-    from reward import Detection
     results = []
     for img in _as_hwc_list(images):
         templates = _templates(img.shape[0])
         dets = []
         for blob in _blobs(img):
             label, color, score = _classify(blob, templates)
-            dets.append(Detection(label=label, score=score, box=blob["box"], mask=blob["mask"], color=color))
+            dets.append(reward.Detection(label=label, score=score, box=blob["box"], mask=blob["mask"], color=color))
         dets.sort(key=lambda d: -d.score)
         results.append(dets)
     return results
+
+
+# ----------------------------------------------------------------------------- rewards (registered with reward.py)
+def _detect_tensors(images):
+    return detect(images.detach().float().cpu())
+
+
+def shapes_reward(paths: dict, device="cpu", dtype=None):
+    """GenEval scoring with the world's detector: {"shapes": partial score, "shapes_strict": 0/1}."""
+    return reward.geneval_from_detector(_detect_tensors, "shapes")
+
+
+def shapes_soft_reward(paths: dict, device="cpu", dtype=None):
+    """{"shapes_soft": the GenEval partial score averaged over detection thresholds 0, 0.1, ..., 0.9}: a shape counts in
+    proportion to the detector's confidence (reward.soft_geneval_score), a denser signal for a weak model."""
+    return reward.geneval_from_detector(_detect_tensors, "shapes_soft", soft=True)
+
+
+reward.register("shapes", shapes_reward, needs_metadata=True)
+reward.register("shapes_soft", shapes_soft_reward, needs_metadata=True)
 
 
 # ----------------------------------------------------------------------------- CLIP tokenizer
@@ -545,5 +559,5 @@ if __name__ == "__main__":
     if args.grid:
         rng = np.random.default_rng(0)
         picks = [rows[i] for i in rng.choice(len(rows), 48, replace=False)]
-        save_grid(render_batch(picks, seed=0), args.grid)
+        sample.save_grid(render_batch(picks, seed=0), args.grid, ncols=8)
         print(f"saved {args.grid}")
