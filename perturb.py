@@ -36,11 +36,8 @@ Where this departs from / adds to the paper:
   at cosine μ, λ_div·∂L_div/∂cos(e_k, e_anc) ≈ λ_div·2μ/(K−2) (8 for λ_div = 50, K = 12). So the diversity term
   wins and variants go below μ−ε until ‖δ‖max binds: with Table 3's settings the norm bound, not L_anc, is what
   keeps them near the anchor. λ_div < (K−2)/(2μ) makes the band the optimum (test_e2po.py checks that regime).
-- cache (PerturbationCache) reuses Δ across epochs. Trade-off: the encoders are frozen, so Δ is a deterministic
-  function of (prompt, seed, settings); with a fixed seed, relearning every iteration (Algorithm 1, the default here:
-  cache=None) recomputes the same Δ, and the cache only saves Phase I's cost. Fresh variants per epoch (the paper's
-  "perturbations at every training step") come from changing the seed per iteration, which makes cache misses;
-  caching with a fixed seed gives the same K−1 variants every epoch (less exploration, much cheaper).
+- Δ is relearned every iteration (Algorithm 1), freshly seeded per step by train.py. Phase I is E²PO's extra cost (the
+  paper's stated limitation); bench.py measures it per prompt.
 """
 
 import argparse
@@ -73,42 +70,6 @@ class Perturbed:
     context: torch.Tensor   # (P, K, S, joint_dim); [:, 0] is C_orig, [:, 1:] the C_opt_k
     pooled: torch.Tensor    # (P, K, p_l + p_g)
     stats: dict             # see learn_perturbations
-
-
-class PerturbationCache:
-    """Δ per (prompt, encoder identity, settings), kept on the CPU, so a run can reuse Δ across epochs.
-
-    Off by default (Algorithm 1 relearns every iteration); see the module docstring for the trade-off."""
-
-    def __init__(self):
-        self.store = {}
-        self.hits = self.misses = 0
-
-    def get(self, key):
-        value = self.store.get(key)
-        self.hits += value is not None
-        self.misses += value is None
-        return value
-
-    def put(self, key, value):
-        self.store[key] = value
-
-    def __len__(self):
-        return len(self.store)
-
-    def clear(self):
-        self.store.clear()
-
-
-def encoder_identity(text_encoders, name):
-    """A fingerprint of one CLIP's weights (config sizes + checksums), for cache keys."""
-    model = text_encoders.clip_l if name == "clip_l" else text_encoders.clip_g
-    cfg = model.config
-    with torch.no_grad():
-        sums = (model.text_model.embeddings.token_embedding.weight.double().sum().item(),
-                model.text_model.final_layer_norm.weight.double().sum().item(),
-                model.text_projection.weight.double().sum().item())
-    return (name, cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, str(model.dtype)) + sums
 
 
 def embedding_losses(e, e_anc, mu=MU, eps=EPS):
@@ -188,16 +149,15 @@ def _optimize(te, state, idx, encoders, steps, lr, delta_max, lambda_div, mu, ep
 
 
 def learn_perturbations(text_encoders, prompts, num_variants=NUM_VARIANTS, steps=STEPS, lr=LR, sigma_init=SIGMA_INIT,
-                        delta_max=DELTA_MAX, lambda_div=LAMBDA_DIV, mu=MU, eps=EPS, encoders=ENCODERS, seed=SEED,
-                        cache=None):
+                        delta_max=DELTA_MAX, lambda_div=LAMBDA_DIV, mu=MU, eps=EPS, encoders=ENCODERS, seed=SEED):
     """Learn K−1 = num_variants−1 perturbations per prompt -> Perturbed(context (P,K,S,D), pooled (P,K,p), stats).
 
     stats (tensors on the CPU; the top-level values belong to encoders[0], per_encoder[name] has the same per encoder):
       L_div, L_anc, L_emb (P,)       final values (with the returned, norm-clipped Δ, full 77 tokens)
       cos_to_anchor (P,K−1)          cos(e_k, e_anc);  mean_pairwise_cos (P,)  mean cos(e_i, e_j), i≠j (= L_div)
-      L_div_history, L_anc_history, L_emb_history (steps, P)   before each Adam step (NaN for cached prompts)
+      L_div_history, L_anc_history, L_emb_history (steps, P)   before each Adam step
       delta {name: (P,K−1,77,d)}     the learned Δ (zero outside the content positions)
-      num_content_tokens (P,), cached (P,) bool, time_s (whole call), time_optimize_s (the Adam loop)
+      num_content_tokens (P,), time_s (whole call), time_optimize_s (the Adam loop)
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -214,18 +174,16 @@ def learn_perturbations(text_encoders, prompts, num_variants=NUM_VARIANTS, steps
                          f"delta_max={delta_max}, eps={eps}")
     t0 = time.perf_counter()
     te = text_encoders
-    P, K, M = len(prompts), int(num_variants), int(num_variants) - 1
+    P, M = len(prompts), int(num_variants) - 1
     parts = te.encode_parts(prompts)
     n_content = parts["content_mask"][encoders[0]].sum(-1).cpu()
-    stats = dict(num_content_tokens=n_content, cached=torch.zeros(P, dtype=torch.bool))
+    stats = dict(num_content_tokens=n_content)
     if M == 0:
         context, pooled = te.assemble(*(tuple(x[:, None] for x in parts[n]) for n in ("clip_l", "clip_g")),
                                       parts["t5"][:, None])
         stats["time_s"] = time.perf_counter() - t0
         return Perturbed(context, pooled, stats)
 
-    settings = (K, steps, lr, sigma_init, delta_max, lambda_div, mu, eps, encoders, seed)
-    ident = tuple(encoder_identity(te, n) for n in encoders) if cache is not None else None
     state = {}
     work = torch.promote_types(te.dtype, torch.float32)     # Δ, E and Adam in fp32 (fp64 if the encoders are)
     for name in encoders:
@@ -240,24 +198,8 @@ def learn_perturbations(text_encoders, prompts, num_variants=NUM_VARIANTS, steps
         warnings.warn(f"{len(empty)} prompt(s) have no content tokens (e.g. {empty[0]!r}): "
                       f"their {M} variants equal the original", stacklevel=2)
 
-    todo = list(range(P))
-    if cache is not None:
-        todo = []
-        for i, p in enumerate(prompts):
-            hit = cache.get((p, ident, settings))
-            if hit is None:
-                todo.append(i)
-                continue
-            stats["cached"][i] = True
-            for name in encoders:
-                state[name]["delta"][i] = hit[name].to(state[name]["delta"])
-    hist, t_opt = None, time.perf_counter()
-    if todo:
-        hist = _optimize(te, state, torch.tensor(todo, device=te.device), encoders, steps, lr, delta_max,
-                         lambda_div, mu, eps)
-        if cache is not None:
-            for i in todo:
-                cache.put((prompts[i], ident, settings), {n: state[n]["delta"][i].cpu().clone() for n in encoders})
+    t_opt = time.perf_counter()
+    hist = _optimize(te, state, torch.arange(P, device=te.device), encoders, steps, lr, delta_max, lambda_div, mu, eps)
     t_opt = time.perf_counter() - t_opt
 
     # final conditioning: full-length forward of the perturbed encoders, unchanged CLIP-G / T5 parts broadcast
@@ -284,9 +226,7 @@ def learn_perturbations(text_encoders, prompts, num_variants=NUM_VARIANTS, steps
     for name in encoders:
         st = per_encoder[name]
         for key, j in (("L_div_history", 0), ("L_anc_history", 1)):
-            st[key] = torch.full((steps, P), float("nan"))
-            if hist is not None:
-                st[key][:, todo] = hist[name][j].cpu().float()
+            st[key] = hist[name][j].cpu().float() if hist is not None else torch.zeros(0, P)
         st["L_emb_history"] = lambda_div * st["L_div_history"] + st["L_anc_history"]
     stats.update(per_encoder[encoders[0]])
     stats["per_encoder"] = per_encoder

@@ -14,7 +14,6 @@ import string
 import subprocess
 import sys
 import threading
-import types
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -30,7 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 
 import model
 from model import TextEncoders, load_text_encoders
-from perturb import PerturbationCache, embedding_losses, learn_perturbations
+from perturb import embedding_losses, learn_perturbations
 import sample as S
 import reward
 from reward import Detection, geneval_score
@@ -796,18 +795,6 @@ def test_k1_and_k2(text_stack):
         learn_perturbations(te, TEXT_PROMPTS, num_variants=0)
     with pytest.raises(ValueError, match="encoders"):
         learn_perturbations(te, TEXT_PROMPTS, encoders=("t5",))
-
-
-def test_cache_reuses_delta(text_stack):
-    te, cache = text_stack["te"], PerturbationCache()
-    first = learn_perturbations(te, TEXT_PROMPTS[:2], **QUICK, cache=cache)
-    assert len(cache) == 2 and not first.stats["cached"].any()
-    second = learn_perturbations(te, TEXT_PROMPTS, **QUICK, cache=cache)
-    assert second.stats["cached"].tolist() == [True, True, False] and len(cache) == 3
-    torch.testing.assert_close(second.context[:2], first.context, rtol=0, atol=1e-5)
-    assert torch.isnan(second.stats["L_emb_history"][:, :2]).all()
-    learn_perturbations(te, TEXT_PROMPTS[:1], **QUICK, cache=cache, seed=1)       # other settings: a miss
-    assert len(cache) == 4
 
 
 def test_embedding_losses_formula():
