@@ -272,6 +272,20 @@ def geneval_score(detections: list[Detection], meta: dict,
 
 
 # ------------------------------------------------------------------------------------- tensor preprocessing
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def geneval_summary(strict, tags) -> dict[str, float]:
+    """GenEval's report: strict accuracy per tag and "overall", the mean over the tags present (GenEval's
+    summary_scores.py averages tasks, not images). strict: 0/1 per image; tags: the metadata "tag" per image."""
+    strict = [float(s) for s in strict]
+    if len(strict) != len(tags):
+        raise ValueError(f"{len(strict)} scores for {len(tags)} tags")
+    per = {t: float(np.mean([s for s, g in zip(strict, tags) if g == t])) for t in dict.fromkeys(tags)}
+    order = [t for t in GENEVAL_TAGS if t in per] + sorted(t for t in per if t not in GENEVAL_TAGS)
+    return {**{t: per[t] for t in order}, "overall": float(np.mean(list(per.values())))}
+
+
 def resize_crop_normalize(images: torch.Tensor, size: int, crop: tuple[int, int], mean, std) -> torch.Tensor:
     """CLIP preprocessing on tensors: shortest edge -> size (bicubic, antialias), centre crop, normalise.
     images (B,3,H,W) in [0,1] -> float32 (B,3,*crop)."""

@@ -100,11 +100,11 @@ eval_prompts = "data/shapes/test.jsonl"
 eval_num_prompts = 0        # first N held-out prompts (0 = all)
 eval_num_images = 16        # images per held-out prompt (noise keyed by prompt and image, not by seed); at 4 the
                             # score of one policy had a std of ≈0.015 over noise draws (a run's gain: ≈0.04)
-reward = "shapes_soft"      # "name" or "name:weight,name:weight" (reward.py); the world trains on the GenEval
-                            # partial score averaged over detection thresholds (dense), and evaluates GenEval's
+reward = "shapes"           # "name" or "name:weight,name:weight" (reward.py); the world: GenEval's partial score, the
+                            # paper's training reward ("shapes_soft": averaged over detection thresholds, denser)
 reward_paths = {}           # local model folders, e.g. {"pickscore": "/models/PickScore_v1"}
 reward_module = "data.shapes.world"   # imported first: registers rewards of its own (the world's shapes, shapes_soft)
-eval_reward = "shapes"      # reward for evaluation; "" = reward
+eval_reward = "shapes"      # reward for evaluation ("" = reward); GenEval strict is logged per tag and as the tag mean
 # E²PO groups
 num_variants = 4            # K: the original prompt + K−1 perturbed variants
 num_seeds = 2               # G: noises per variant (shared across variants, Eq. 8)
@@ -826,12 +826,29 @@ def rollout(run, step, slots, items, perturbed):
                 adapter="old", decode=True)
         n = len(group.latents)
         futures.append(run.executor.submit(score, run.reward_fn, group.images, [item["prompt"]] * n, [item] * n))
+        if cfg.anchor and cfg.num_variants > 1 and cfg.num_seeds > 1:   # how much the variants change the image
+            group.spread = sample.variant_spread(group.images, group.variant, group.seed_idx)
         groups.append(group)
     results = [f.result() for f in futures]
     rewards = {k: torch.cat([r[0][k] for r in results]) for k in results[0][0]}
     for g in groups[1:]:     # keep the first group's images for the grid; training needs latents only
         g.images = None
     return groups, rewards, sum(r[1] for r in results)
+
+
+def spread_stats(groups, world):
+    """Mean over this step's groups (all ranks) of sample.variant_spread: the pixel change a variant makes against the
+    original prompt under the same noise, against the change a new noise makes. A ratio far below 1 means the group's
+    diversity, and so its reward variance, comes from the G noises alone. Empty without variants or with G = 1."""
+    spreads = [g.spread for g in groups if hasattr(g, "spread")]
+    if not spreads:
+        return {}
+    local = torch.tensor(spreads, dtype=torch.float64).mean(0).to(world.device)
+    if world.ddp:
+        dist.all_reduce(local)
+        local /= world.world_size
+    variant, noise = local.tolist()
+    return {"variant_spread": variant, "noise_spread": noise, "variant_noise_ratio": variant / max(noise, 1e-12)}
 
 
 def advantages(run, rewards):
@@ -941,12 +958,13 @@ def update_old_and_ema(run, num_updates):
 def evaluate(run, adapter):
     """Held-out prompts × eval_num_images, Euler eval_sample_steps, with `adapter`; the noise is keyed by
     (prompt, image) alone, so every evaluation of every run sees the same draws. Returns ({name: mean over
-    images}, this rank's first image of its first prompts)."""
+    images}, this rank's first image of its first prompts). A GenEval strict score (name ending in "_strict") is
+    reported as GenEval does when the prompts carry tags: the mean over tags, and each tag as name_<tag>."""
     cfg, world, dev = run.cfg, run.world, run.world.device
     lat = cfg.resolution // run.vae.factor
     n_img = cfg.eval_num_images
     mine = list(range(world.rank, len(cfg.eval_items) * n_img, world.world_size))   # image j of prompt i: i·n_img + j
-    scores, images_kept = [], []
+    scores, tags, images_kept = [], [], []
     for a in range(0, len(mine), cfg.rollout_micro_batch):
         ids = mine[a:a + cfg.rollout_micro_batch]
         items = [cfg.eval_items[i // n_img] for i in ids]
@@ -961,16 +979,24 @@ def evaluate(run, adapter):
             images = run.vae.decode(x0).float()
         out, _ = score(run.eval_fn, images, prompts, items)
         scores.append(out)
+        tags += [it.get("tag") for it in items]
         first = torch.tensor([i % n_img == 0 for i in ids])        # the grid shows each prompt's first image
         if sum(len(x) for x in images_kept) < cfg.grid_prompts and first.any():
             images_kept.append(images[first].cpu())
     local = {k: torch.cat([s[k] for s in scores]).tolist() for k in scores[0]} if scores else {}
+    local["tag"] = tags
     gathered = [local]
     if world.ddp:
         gathered = [None] * world.world_size
         dist.all_gather_object(gathered, local)
-    keys = sorted({k for g in gathered for k in g})
-    means = {k: float(np.mean([v for g in gathered for v in g.get(k, [])])) for k in keys}
+    every = {k: [v for g in gathered for v in g.get(k, [])] for k in sorted({k for g in gathered for k in g})}
+    tags = every.pop("tag", [])
+    means = {k: float(np.mean(v)) for k, v in every.items()}
+    for k, v in every.items():
+        if k.endswith("_strict") and tags and None not in tags:
+            summary = R.geneval_summary(v, tags)
+            means[k] = summary.pop("overall")
+            means.update({f"{k}_{t}": x for t, x in summary.items()})
     kept = torch.cat(images_kept)[:cfg.grid_prompts] if images_kept else None
     return means, kept
 
@@ -1048,7 +1074,7 @@ def train(cfg_dict):
         row.update(stats, **terms, lr=run.optimizer.param_groups[0]["lr"], old_decay=decay,
                    images_per_s=n_global / max(t2 - t1, 1e-9), time_delta=t1 - t0, time_rollout=t2 - t1,
                    time_reward=reward_s, time_update=t3 - t2)
-        row.update(perturb_stats(perturbed, world))
+        row.update(perturb_stats(perturbed, world), **spread_stats(groups, world))
         if world.master and cfg.log_images_every and (step + 1) % cfg.log_images_every == 0 and groups[0].images is not None:
             save_group_grid(run, step + 1, groups[0])
         del groups, perturbed
@@ -1078,9 +1104,15 @@ def finish(run, logger):
             before, after = evals[0], evals[-1]
             line = f"test {cfg.eval_reward or cfg.reward} score (EMA, {len(cfg.eval_items)} prompts) " \
                    f"before → after: {before['eval_reward']:.4f} → {after['eval_reward']:.4f}"
-            for k in (k for k in before if "strict" in k):
+            strict = [k for k in before if k.endswith("_strict")]
+            for k in strict:
                 line += f" · {k[5:]} {before[k]:.4f} → {after.get(k, float('nan')):.4f}"
             print(line)
+            for k in strict:     # GenEval's per-tag report, when the prompts carry tags
+                tags = [t[len(k) + 1:] for t in before if t.startswith(k + "_")]
+                if tags:
+                    print("  per tag: " + " · ".join(f"{t} {before[f'{k}_{t}']:.3f} → "
+                                                      f"{after.get(f'{k}_{t}', float('nan')):.3f}" for t in tags))
     if run.world.ddp:
         dist.barrier()
 

@@ -12,6 +12,7 @@ eval_num_images = 1
 eval_sample_steps = 40                    # inference steps, Table 3
 reward = "geneval"
 reward_paths = {}                         # set on the command line: the detector / CLIP folders reward.py names
+reward_module = ""                        # only reward.py's own rewards (not the toy world's)
 resolution = 512
 delta_max = 0.05                          # ‖δ‖max, Table 3 (the world's default is scaled to its tiny CLIP)
 emb_steps = 300                           # T_emb, Table 3 (the world needs only 50)

@@ -12,6 +12,7 @@ eval_num_images = 1
 eval_sample_steps = 40                    # inference steps, Table 3
 reward = "pickscore"
 reward_paths = {}
+reward_module = ""                        # only reward.py's own rewards (not the toy world's)
 eval_reward = ""                          # = reward
 resolution = 512
 delta_max = 0.05                          # ‖δ‖max, Table 3 (the world's default is scaled to its tiny CLIP)

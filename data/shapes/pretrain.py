@@ -1,23 +1,30 @@
 """Pretrain the shapes world's tiny SD3 from scratch, on CPU, and save it where the real loaders read it.
 
-    python data/shapes/pretrain.py                 # about 30 minutes on 2 cores; writes data/shapes/sd3_tiny/
-    python data/shapes/pretrain.py --quick --out /tmp/sd3_tiny   # a smoke run in about a minute
+    python data/shapes/pretrain.py                      # all stages; hours on 2 CPU cores (see STEPS); resumable
+    python data/shapes/pretrain.py --resume             # continue from the last saved state in data/shapes/sd3_tiny.tmp/
+    python data/shapes/pretrain.py --quick --out /tmp/sd3_tiny   # a smoke run of every stage in about a minute
+    python data/shapes/pretrain.py --evaluate           # score the shipped model per GenEval tag, with and without CFG
 
-The result is a small model of the real architecture (MMDiT with dual attention and qk-norm, the SD3
-16-channel VAE, CLIP-L- and CLIP-G-shaped text towers with a CLIP BPE tokenizer) laid out as a diffusers
-pipeline root: transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/,
-model_index.json. `python train.py` starts RL from it through the same loading code as SD3.5.
+The result is a small model of the real architecture (MMDiT with dual attention and qk-norm, the SD3 16-channel VAE,
+CLIP-L- and CLIP-G-shaped text towers with a CLIP BPE tokenizer) laid out as a diffusers pipeline root: transformer/,
+vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/, model_index.json, plus e2po.json (the
+conventions it was trained with). `python train.py` starts RL from it through the same loading code as SD3.5.
 
-Three stages, each a fixed number of steps so a rerun reproduces the same weights on the same machine:
-  1. VAE: reconstruction of rendered images (MSE + L1), latents kept near zero mean / unit variance in model
-     space so SD3's fixed scale and shift (1.5305, 0.0609) apply as they are.
-  2. Text towers: CLIP-style contrastive training against a throwaway image tower, so the pooled embeddings
-     (what E²PO perturbs and compares by cosine) are semantic for this world.
-  3. MMDiT: rectified flow on VAE latents (logit-normal σ, as SD3), text towers frozen, EMA of the weights.
+Three stages, each a fixed number of steps from fixed seeds, each saved to the work folder (OUT.tmp/) as it goes so
+that a stopped run resumes (`--resume`) where it stopped:
+  1. VAE: reconstruction of rendered images (MSE + L1, object pixels weighted up), latents kept near zero mean / unit
+     variance in model space so SD3's fixed scale and shift (1.5305, 0.0609) apply as they are. Three levels: 4×
+     downsampling, 16×16×16 latents for a 64² image (SD3's VAE has four levels, 8×).
+  2. Text towers: CLIP-style contrastive training against a throwaway image tower, so the pooled embeddings (what
+     E²PO perturbs and compares by cosine) are semantic for this world.
+  3. MMDiT: rectified flow on VAE latents (logit-normal σ, as SD3), text towers frozen, EMA of the weights, and SD3's
+     per-encoder caption dropout: CLIP-L and CLIP-G are each replaced by the empty prompt's encoding with probability
+     CAPTION_DROPOUT, so the model also learns the unconditional velocity and classifier-free guidance works, as in the
+     real model: a weaker CFG-free sampler and a stronger CFG one, the gap RL closes without CFG.
 
 Departures from SD3: tiny widths; the CLIP tokenizers stop at TOKEN_LENGTH tokens and the (absent) T5 part is
-T5_LENGTH zero tokens, not 77 and 256, so attention stays cheap on a CPU. Prompts are the train split only;
-the test split stays held out for evaluation.
+T5_LENGTH zero tokens, not 77 and 256, so attention stays cheap on a CPU (e2po.json records T5_LENGTH for the loaders).
+Prompts are the train split only; the test split stays held out for evaluation.
 """
 import argparse
 import json
@@ -32,11 +39,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # the repo root, so `python data/shapes/pretrain.py` imports model
 import model  # noqa: E402
+import reward  # noqa: E402
+import sample  # noqa: E402
 from data.shapes import world  # noqa: E402
 
 # ----------------------------------------------------------------------------- sizes
@@ -47,20 +56,26 @@ CLIP_L = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_at
 CLIP_G = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=2,
               projection_dim=128, hidden_act="gelu")
 JOINT_DIM = 256                        # context channels: CLIP-L ‖ CLIP-G (192) zero-padded, as SD3 pads to 4096
-MMDIT = model.MMDiTConfig(hidden_size=128, depth=4, num_heads=2, context_dim=JOINT_DIM,
+VAE_CHANNELS = (32, 32, 64)            # three levels: 4x downsampling (a 16x16 latent grid at 64 px)
+MMDIT = model.MMDiTConfig(hidden_size=128, depth=4, num_heads=2, patch_size=2, context_dim=JOINT_DIM,
                           pooled_dim=CLIP_L["projection_dim"] + CLIP_G["projection_dim"],
                           pos_embed_max_size=16, qk_norm=True, dual_attention_layers=(0, 1))
-VAE_CHANNELS = (32, 32, 64, 64)
 
 # ----------------------------------------------------------------------------- schedule
-STEPS = dict(vae=2000, text=300, mmdit=8000)
-QUICK_STEPS = dict(vae=5, text=5, mmdit=10)
-BATCH = dict(vae=16, text=128, mmdit=64)
-VAE_CROP = 32                          # the VAE trains on random crops of the 64x64 renders
-FG_WEIGHT = 9.0                        # reconstruction weight of object pixels relative to background
+STEPS = dict(vae=3000, text=600, mmdit=20000)
+QUICK_STEPS = dict(vae=4, text=4, mmdit=6)
+QUICK_DATA = dict(per_prompt=1, evaluate_every=0)
+BATCH = dict(vae=32, text=128, mmdit=64)
 LR = dict(vae=2e-3, text=1e-3, mmdit=1e-3)
-IMAGES_PER_PROMPT = 12                 # the fixed flow-matching dataset: renders per train prompt
+WARMUP = dict(vae=50, text=50, mmdit=200)
+VAE_CROP = 32                          # the VAE trains on random 32x32 crops of the 64x64 renders (it is convolutional)
+FG_WEIGHT = 9.0                        # reconstruction weight of object pixels relative to background
+LATENT_NOISE = 0.1                     # the decoder learns to tolerate imperfect latents
+IMAGES_PER_PROMPT = 48                 # the fixed flow-matching dataset: renders per train prompt
+CAPTION_DROPOUT = 0.2                  # per text encoder (SD3: 0.464 for each of three); both dropped: 4 %
 EMA_DECAY = 0.999
+SAVE_EVERY = 1000                      # steps between saved states of a stage
+EVAL_EVERY = 2000                      # MMDiT steps between progress evaluations (held-out strict, 4 images a prompt)
 SEED = 0
 
 
@@ -72,77 +87,119 @@ def adamw(params, lr):
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
 
 
-def cosine_lr(opt, step, total, base, warmup=50):
+def cosine_lr(opt, step, total, base, warmup):
     lr = base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
     for g in opt.param_groups:
         g["lr"] = lr
 
 
+def generators(stage, step):
+    """(numpy rng, torch generator) keyed by (stage, step): a resumed stage draws what an uninterrupted one would."""
+    key = [SEED, ["vae", "text", "mmdit"].index(stage), step]
+    return np.random.default_rng(key), torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+
+
+class Stage:
+    """A stage's modules + optimizer, saved to work/<name>.pt every SAVE_EVERY steps (atomically) and at the end."""
+
+    def __init__(self, name, work, modules, opt, steps):
+        self.name, self.path, self.modules, self.opt, self.steps = name, work / f"{name}.pt", modules, opt, steps
+        self.step = 0
+
+    def resume(self):
+        if self.path.is_file():
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            for k, m in self.modules.items():
+                m.load_state_dict(state[k])
+            self.opt.load_state_dict(state["opt"])
+            self.step = state["step"]
+            log(f"{self.name}: resumed at step {self.step}/{self.steps}")
+        return self
+
+    def done(self):
+        return self.step >= self.steps
+
+    def save(self):
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"step": self.step, "opt": self.opt.state_dict(),
+                    **{k: m.state_dict() for k, m in self.modules.items()}}, tmp)
+        os.replace(tmp, self.path)
+
+
 # ----------------------------------------------------------------------------- stage 1: VAE
 def random_crops(images, size, rng):
-    """One random size x size crop per image: the VAE is convolutional, and crops cost a quarter."""
-    ys, xs = rng.integers(0, images.shape[-2] - size + 1, len(images)), rng.integers(0, images.shape[-1] - size + 1, len(images))
+    """One random size x size crop per image."""
+    ys = rng.integers(0, images.shape[-2] - size + 1, len(images))
+    xs = rng.integers(0, images.shape[-1] - size + 1, len(images))
     return torch.stack([im[:, y:y + size, x:x + size] for im, y, x in zip(images, ys, xs)])
 
 
-def train_vae(prompts, steps, rng):
+def train_vae(prompts, steps, work, resume):
     vae = model.VAE(VAE_CHANNELS)
-    opt = adamw(vae.parameters(), LR["vae"])
-    for step in range(steps):
+    st = Stage("vae", work, {"vae": vae}, adamw(vae.parameters(), LR["vae"]), steps)
+    if resume:
+        st.resume()
+    while not st.done():
+        rng, gen = generators("vae", st.step)
         metas = [prompts[i] for i in rng.integers(len(prompts), size=BATCH["vae"])]
         images = random_crops(world.render_batch(metas, rng), VAE_CROP, rng)
         mean = vae.encoder(images * 2 - 1)[:, :vae.latent_channels]
         latents = (mean - model.VAE_SHIFT) * model.VAE_SCALE
-        noisy = latents + 0.1 * torch.randn_like(latents)      # a decoder that tolerates imperfect latents
+        noisy = latents + LATENT_NOISE * torch.randn(latents.shape, generator=gen)
         recon = vae.decoder(noisy / model.VAE_SCALE + model.VAE_SHIFT) / 2 + 0.5
         # objects are a few % of the pixels: weight them up, or the flat background dominates and colours wash out
         background = images[:, :, :1, :1]
         weight = 1 + FG_WEIGHT * ((images - background).abs().amax(1, keepdim=True) > 0.1).float()
         rec = (weight * ((recon - images) ** 2 + 0.1 * (recon - images).abs())).mean() / weight.mean()
         mu, var = latents.mean((0, 2, 3)), latents.var((0, 2, 3))
-        reg = (mu ** 2).mean() + ((var - 1) ** 2).mean()
-        loss = rec + 1e-3 * reg
-        cosine_lr(opt, step, steps, LR["vae"])
-        opt.zero_grad(set_to_none=True)
+        loss = rec + 1e-3 * ((mu ** 2).mean() + ((var - 1) ** 2).mean())
+        cosine_lr(st.opt, st.step, steps, LR["vae"], WARMUP["vae"])
+        st.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"vae {step:5d}/{steps} recon {rec.item():.5f} latent mean {mu.mean().item():+.3f} "
+        st.opt.step()
+        st.step += 1
+        if st.step % 200 == 0 or st.done():
+            log(f"vae {st.step:5d}/{steps} recon {rec.item():.5f} latent mean {mu.mean().item():+.3f} "
                 f"var {var.mean().item():.3f}")
+        if st.step % SAVE_EVERY == 0 or st.done():
+            st.save()
     return vae.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- stage 2: text towers
-def build_text_encoders(root):
-    """Random CLIP-L/CLIP-G-shaped towers + the world's tokenizers, written under root and loaded back."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def write_tokenizers(root):
     for name, pad in (("tokenizer", world.EOS), ("tokenizer_2", "!")):   # SD3 pads CLIP-G with "!"
         world.write_clip_tokenizer(root / name, pad_token=pad)
         config_file = root / name / "tokenizer_config.json"
         config = json.loads(config_file.read_text())
         config_file.write_text(json.dumps({**config, "model_max_length": TOKEN_LENGTH}, indent=2))
-    vocab = json.loads((root / "tokenizer" / "vocab.json").read_text())
-    towers = []
-    for spec in (CLIP_L, CLIP_G):
-        cfg = CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=TOKEN_LENGTH,
-                             bos_token_id=vocab[world.BOS], eos_token_id=vocab[world.EOS], pad_token_id=1, **spec)
-        towers.append(CLIPTextModelWithProjection(cfg))
-    return towers
+    return [CLIPTokenizer.from_pretrained(root / name) for name in ("tokenizer", "tokenizer_2")]
 
 
-def train_text(towers, prompts, steps, rng, root):
+def build_text_towers(vocab_size, bos, eos):
+    torch.manual_seed(SEED)
+    return [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=vocab_size, max_position_embeddings=TOKEN_LENGTH, bos_token_id=bos, eos_token_id=eos,
+        pad_token_id=1, **spec)) for spec in (CLIP_L, CLIP_G)]
+
+
+def train_text(towers, tokenizers, prompts, steps, work, resume):
     """CLIP-style InfoNCE between each tower's pooled embedding and a small CNN's image embedding."""
-    clip_l, clip_g = towers
+    torch.manual_seed(SEED + 1)
     image_tower = nn.Sequential(
         nn.Conv2d(3, 32, 3, 2, 1), nn.GELU(), nn.Conv2d(32, 64, 3, 2, 1), nn.GELU(),
         nn.Conv2d(64, 128, 3, 2, 1), nn.GELU(), nn.Conv2d(128, 128, 3, 2, 1), nn.GELU(),
         nn.Flatten(), nn.Linear(128 * 16, 256), nn.GELU(),
         nn.Linear(256, CLIP_L["projection_dim"] + CLIP_G["projection_dim"]))
-    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    params = [*clip_l.parameters(), *clip_g.parameters(), *image_tower.parameters(), logit_scale]
-    opt = adamw(params, LR["text"])
-    tokenizers = [CLIPTokenizer.from_pretrained(root / name) for name in ("tokenizer", "tokenizer_2")]
-    for step in range(steps):
+    scale = nn.Module()
+    scale.logit = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    modules = {"clip_l": towers[0], "clip_g": towers[1], "image_tower": image_tower, "scale": scale}
+    params = [p for m in modules.values() for p in m.parameters()]
+    st = Stage("text", work, modules, adamw(params, LR["text"]), steps)
+    if resume:
+        st.resume()
+    while not st.done():
+        rng, _ = generators("text", st.step)
         metas = [prompts[i] for i in rng.choice(len(prompts), size=BATCH["text"], replace=False)]
         images = world.render_batch(metas, rng)
         img = image_tower(images * 2 - 1).split([CLIP_L["projection_dim"], CLIP_G["projection_dim"]], -1)
@@ -152,64 +209,130 @@ def train_text(towers, prompts, steps, rng, root):
             ids = tok([m["prompt"] for m in metas], padding="max_length", max_length=TOKEN_LENGTH,
                       truncation=True, return_tensors="pt")["input_ids"]
             txt = F.normalize(tower(input_ids=ids).text_embeds, dim=-1)
-            logits = logit_scale.exp().clamp(max=100) * txt @ F.normalize(emb, dim=-1).T
+            logits = scale.logit.exp().clamp(max=100) * txt @ F.normalize(emb, dim=-1).T
             loss = loss + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        cosine_lr(opt, step, steps, LR["text"])
-        opt.zero_grad(set_to_none=True)
+        cosine_lr(st.opt, st.step, steps, LR["text"], WARMUP["text"])
+        st.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"text {step:5d}/{steps} contrastive loss {loss.item():.4f}")
+        st.opt.step()
+        st.step += 1
+        if st.step % 100 == 0 or st.done():
+            log(f"text {st.step:5d}/{steps} contrastive loss {loss.item():.4f}")
+        if st.step % SAVE_EVERY == 0 or st.done():
+            st.save()
     for tower in towers:
         tower.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- stage 3: MMDiT
 @torch.no_grad()
-def flow_dataset(vae, text, prompts, rng):
-    """Latents of IMAGES_PER_PROMPT renders per prompt and each prompt's (context, pooled)."""
-    context, pooled = text.encode([m["prompt"] for m in prompts])
-    latents, index = [], []
-    for i in range(IMAGES_PER_PROMPT):
-        latents.append(torch.cat([vae.encode(world.render_batch(prompts[j:j + 128], rng))
-                                  for j in range(0, len(prompts), 128)]))
-        index.append(torch.arange(len(prompts)))
-    return torch.cat(latents), torch.cat(index), context, pooled
+def flow_dataset(vae, prompts, work, per_prompt):
+    """Latents of `per_prompt` renders per train prompt (cached in the work folder) and each latent's prompt."""
+    path = work / f"latents_{per_prompt}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    rng = np.random.default_rng([SEED, 3])
+    latents = torch.cat([vae.encode(world.render_batch(prompts[j:j + 128], rng))
+                         for _ in range(per_prompt) for j in range(0, len(prompts), 128)])
+    index = torch.arange(len(prompts)).repeat(per_prompt)
+    torch.save((latents, index), path)
+    return latents, index
 
 
-def train_mmdit(vae, text, prompts, steps, rng, generator):
-    latents, index, context, pooled = flow_dataset(vae, text, prompts, rng)
-    log(f"flow dataset: {len(latents)} latents, std {latents.std().item():.3f}, mean {latents.mean().item():+.3f}")
-    dit = model.MMDiT(MMDIT)
-    ema = model.MMDiT(MMDIT)
+def caption_dropout(context, pooled, empty, keep_l, keep_g, text):
+    """SD3's per-encoder dropout: where keep_* is False, that encoder's context channels and pooled slice are the
+    empty prompt's (the unconditional input CFG uses)."""
+    ctx_e, pool_e = empty
+    dl, pl = text.clip_l.config.hidden_size, text.clip_l.config.projection_dim
+    dg = text.clip_g.config.hidden_size
+    n = text.clip_length
+    context, pooled = context.clone(), pooled.clone()
+    for keep, c_sl, p_sl in ((keep_l, slice(0, dl), slice(0, pl)), (keep_g, slice(dl, dl + dg), slice(pl, None))):
+        context[~keep, :n, c_sl] = ctx_e[0, :n, c_sl]
+        pooled[~keep, p_sl] = pool_e[0, p_sl]
+    return context, pooled
+
+
+def train_mmdit(vae, text, prompts, steps, work, resume, per_prompt=IMAGES_PER_PROMPT, evaluate_every=EVAL_EVERY):
+    t0 = time.time()
+    latents, index = flow_dataset(vae, prompts, work, per_prompt)
+    with torch.no_grad():
+        context, pooled = text.encode([m["prompt"] for m in prompts])
+        empty = text.encode([""])
+    log(f"flow dataset: {len(latents)} latents {tuple(latents.shape[1:])}, std {latents.std().item():.3f} "
+        f"({time.time() - t0:.0f} s)")
+    torch.manual_seed(SEED + 2)
+    dit, ema = model.MMDiT(MMDIT), model.MMDiT(MMDIT)
     ema.load_state_dict(dit.state_dict())
     ema.requires_grad_(False)
-    opt = adamw(dit.parameters(), LR["mmdit"])
-    for step in range(steps):
-        pick = torch.randint(len(latents), (BATCH["mmdit"],), generator=generator)
+    st = Stage("mmdit", work, {"dit": dit, "ema": ema}, adamw(dit.parameters(), LR["mmdit"]), steps)
+    if resume:
+        st.resume()
+    while not st.done():
+        _, gen = generators("mmdit", st.step)
+        pick = torch.randint(len(latents), (BATCH["mmdit"],), generator=gen)
         x0, c, y = latents[pick], context[index[pick]], pooled[index[pick]]
-        sigma = torch.sigmoid(torch.randn(len(pick), generator=generator))   # logit-normal (SD3)
-        noise = torch.randn(x0.shape, generator=generator)
+        keep = torch.rand(2, len(pick), generator=gen) >= CAPTION_DROPOUT
+        c, y = caption_dropout(c, y, empty, keep[0], keep[1], text)
+        sigma = torch.sigmoid(torch.randn(len(pick), generator=gen))   # logit-normal (SD3)
+        noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
-        v = dit((1 - s) * x0 + s * noise, sigma, c, y)
-        loss = F.mse_loss(v, noise - x0)
-        cosine_lr(opt, step, steps, LR["mmdit"], warmup=200)
-        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(dit((1 - s) * x0 + s * noise, sigma, c, y), noise - x0)
+        cosine_lr(st.opt, st.step, steps, LR["mmdit"], WARMUP["mmdit"])
+        st.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        opt.step()
+        st.opt.step()
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), dit.parameters()):
-                pe.lerp_(p, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
-        if step % 100 == 0 or step == steps - 1:
-            log(f"mmdit {step:5d}/{steps} flow loss {loss.item():.4f}")
+                pe.lerp_(p, 1 - min(EMA_DECAY, (1 + st.step) / (10 + st.step)))
+        st.step += 1
+        if st.step % 100 == 0 or st.done():
+            log(f"mmdit {st.step:5d}/{steps} flow loss {loss.item():.4f}")
+        if st.step % SAVE_EVERY == 0 or st.done():
+            st.save()
+        if evaluate_every and st.step % evaluate_every == 0:
+            scores = geneval_per_tag(ema, vae, text, num_images=4)
+            log(f"mmdit {st.step:5d}: held-out GenEval strict, CFG-free, per tag: {fmt(scores[1.0])}")
     return ema.eval()
 
 
-# ----------------------------------------------------------------------------- saving + a first look
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def geneval_per_tag(dit, vae, text, num_images=16, guidance=(1.0,), steps=20, split="test", save=None):
+    """{guidance scale: {tag: strict accuracy, "overall": mean over tags (GenEval's summary), "partial": ...}} on the
+    held-out prompts, `num_images` each, Euler `steps` steps (the world's evaluation sampler), fixed noise."""
+    metas = world.load_prompts(split)
+    items = [m for m in metas for _ in range(num_images)]
+    side = world.SIZE // vae.factor
+    noise = torch.randn((len(items), 16, side, side), generator=torch.Generator().manual_seed(SEED))
+    context, pooled = text.encode([m["prompt"] for m in items])
+    neg = text.encode([""])
+    fn = reward.build("shapes")
+    out = {}
+    for scale in guidance:
+        images = torch.cat([vae.decode(sample.sample(
+            dit, noise[a:a + 64], context[a:a + 64], pooled[a:a + 64], num_steps=steps, solver="euler",
+            guidance_scale=scale, neg_context=neg[0], neg_pooled=neg[1])) for a in range(0, len(items), 64)])
+        scores = fn(images, [m["prompt"] for m in items], items)
+        strict, tags = scores["shapes_strict"], [m["tag"] for m in items]
+        per = {t: float(np.mean([float(s) for s, g in zip(strict, tags) if g == t])) for t in world.TAGS if t in tags}
+        out[scale] = {**per, "overall": float(np.mean(list(per.values()))), "partial": float(scores["shapes"].mean())}
+        if save:
+            sample.save_grid(images[::num_images], f"{save}_cfg{scale:g}.png", ncols=8)
+    return out
+
+
+def fmt(scores):
+    return " ".join(f"{k} {v:.3f}" for k, v in scores.items())
+
+
+# ----------------------------------------------------------------------------- saving
 def save_pipeline(root, dit, vae, towers):
-    """Everything in fp16 (the shipped files stay under 10 MB); the loaders upcast to the dtype asked for."""
-    model.save_diffusers(dit.half(), root / "transformer", sample_size=world.SIZE // vae.factor)   # latent side at 64 px
+    """Everything in fp16 (the shipped files stay small); the loaders upcast to the dtype asked for."""
+    root = Path(root)
+    side = world.SIZE // vae.factor
+    model.save_diffusers(dit.half(), root / "transformer", sample_size=side)   # 64 px: the pipeline's native size
     model.save_diffusers(vae.half(), root / "vae")
     for tower, name in zip(towers, ("text_encoder", "text_encoder_2")):
         tower.half().save_pretrained(root / name, safe_serialization=True)
@@ -226,63 +349,53 @@ def save_pipeline(root, dit, vae, towers):
     (root / model.PIPELINE_NOTES).write_text(json.dumps({"max_sequence_length": T5_LENGTH}))   # no T5: its zeros
 
 
-@torch.no_grad()
-def first_look(root, n=64):
-    """Sample test prompts with the saved model (DPM-Solver++ 10 steps, as the rollouts) and score them."""
-    import reward
-    import sample
+def load_pipeline(root):
     dit, vae = model.load_mmdit(root), model.load_vae(root)
-    text = model.load_text_encoders(root, t5=False)
-    metas = world.load_prompts("test")[:n]
-    context, pooled = text.encode([m["prompt"] for m in metas])
-    g = torch.Generator().manual_seed(SEED)
-    lat = world.SIZE // vae.factor
-    noise = torch.randn(len(metas), 16, lat, lat, generator=g)
-    x0 = sample.sample(dit, noise, context, pooled, num_steps=10, solver="dpm2m")
-    images = vae.decode(x0)
-    scores = reward.build("shapes")(images, [m["prompt"] for m in metas], metas)
-    sample.save_grid(images, root.parent / "pretrain_samples.png", ncols=8)
-    return scores["shapes"].mean().item(), scores["shapes_strict"].float().mean().item()
+    return dit, vae, model.load_text_encoders(root, t5=False)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(HERE / "sd3_tiny"))
+    parser.add_argument("--out", default=model.DEFAULT_WEIGHTS)
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
+    parser.add_argument("--resume", action="store_true", help="continue from the states saved in OUT.tmp/")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reuse_text", default="", help="take text_encoder*/ from this pipeline root instead of training")
-    args = parser.parse_args()
+    parser.add_argument("--evaluate", action="store_true", help="only score OUT per tag (16 images a prompt)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(SEED)
-    rng = np.random.default_rng(SEED)
-    generator = torch.Generator().manual_seed(SEED)
-    steps = QUICK_STEPS if args.quick else STEPS
-    prompts = world.load_prompts("train")
     root = Path(args.out)
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if args.evaluate:
+        dit, vae, text = load_pipeline(root)
+        for scale, s in geneval_per_tag(dit, vae, text, guidance=(1.0, 3.0), save=root.parent / "pretrain").items():
+            log(f"{root}: held-out GenEval strict, guidance {scale:g}: {fmt(s)}")
+        return
+    steps = QUICK_STEPS if args.quick else STEPS
+    work = root.with_name(root.name + ".tmp")
+    if not args.resume:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    prompts = world.load_prompts("train")
     t0 = time.time()
-
-    vae = train_vae(prompts, steps["vae"], rng)
-    towers = build_text_encoders(tmp)
-    if args.reuse_text:   # a development shortcut: keep the text towers of an earlier run
-        from transformers import CLIPTextModelWithProjection
-        towers = [CLIPTextModelWithProjection.from_pretrained(Path(args.reuse_text) / name, torch_dtype=torch.float32)
-                  .eval().requires_grad_(False) for name in ("text_encoder", "text_encoder_2")]
-        log(f"text towers reused from {args.reuse_text}")
-    else:
-        train_text(towers, prompts, steps["text"], rng, tmp)
-    text = model.TextEncoders(*towers, *(CLIPTokenizer.from_pretrained(tmp / n) for n in ("tokenizer", "tokenizer_2")),
-                              max_sequence_length=T5_LENGTH, joint_dim=JOINT_DIM)
-    dit = train_mmdit(vae, text, prompts, steps["mmdit"], rng, generator)
+    vae = train_vae(prompts, steps["vae"], work, args.resume)
+    tokenizers = write_tokenizers(work)
+    vocab = json.loads((work / "tokenizer" / "vocab.json").read_text())
+    towers = build_text_towers(len(vocab), vocab[world.BOS], vocab[world.EOS])
+    train_text(towers, tokenizers, prompts, steps["text"], work, args.resume)
+    text = model.TextEncoders(*towers, *tokenizers, max_sequence_length=T5_LENGTH, joint_dim=JOINT_DIM)
+    dit = train_mmdit(vae, text, prompts, steps["mmdit"], work, args.resume, **(QUICK_DATA if args.quick else {}))
+    tmp = root.with_name(root.name + ".new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        shutil.copytree(work / name, tmp / name)
     save_pipeline(tmp, dit, vae, towers)
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)                 # the old pipeline stays until the new one is complete
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) / 2 ** 20
-    log(f"wrote {root} ({size:.1f} MB) in {(time.time() - t0) / 60:.1f} min")
-    partial, strict = first_look(root)
-    log(f"test prompts, DPM-Solver++ 10 steps: shapes GenEval partial {partial:.3f}, strict {strict:.3f}")
+    log(f"wrote {root} ({size:.1f} MB) in {(time.time() - t0) / 60:.1f} min; the states stay in {work} (--resume)")
+    if not args.quick:
+        dit, vae, text = load_pipeline(root)
+        for scale, s in geneval_per_tag(dit, vae, text, guidance=(1.0, 3.0), save=root.parent / "pretrain").items():
+            log(f"held-out GenEval strict, guidance {scale:g}: {fmt(s)}")
 
 
 if __name__ == "__main__":
