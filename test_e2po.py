@@ -5,6 +5,11 @@ Every hand-written component that has a public reference is compared with it on 
 (diffusers' SD3Transformer2DModel, AutoencoderKL, StableDiffusion3Pipeline and its LoRA loader, transformers'
 CLIP/T5); everything else is tested by properties that could fail and by numbers computed independently here.
 Speed and memory are measured by bench.py, never here.
+
+Layout: the shared fixtures first (their builders are plain functions in conftest.py), then one section per file,
+in this order: model.py, perturb.py, sample.py, reward.py, data/shapes/world.py, train.py (+ configurator.py),
+bench.py, data/shapes/compare.py. Every test's name carries its file's word, so `-k model`, `-k perturb`,
+`-k sample`, `-k reward`, `-k world`, `-k train`, `-k bench` and `-k compare` each select exactly that file's tests.
 """
 import copy
 import json
@@ -25,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
 import model
 from model import TextEncoders, load_text_encoders
@@ -37,17 +42,84 @@ from data.shapes import world
 import configurator
 import train
 import bench
+from conftest import build_clip_tokenizer, build_tiny_pipeline
+
 
 torch.set_num_threads(1)   # CI has 2 cores; one thread per test process is faster and steadier
 
 
 # ==============================================================================================================
-# model.py: MMDiT, VAE, loaders, LoRA (parity with diffusers)
+# shared fixtures: what the tests build once per run (module scope); the builders are in conftest.py
 # ==============================================================================================================
 
-TOL = 1e-5
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    """The tiny SD3 pipeline root (conftest.build_tiny_pipeline): sample.py's parity tests, train.py's runs."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd3_tiny")
 
 
+# ------------------------------------------------------------------------------------- the text stack
+# SD3's three text encoders, tiny (model.py's TextEncoders and loaders; perturb.py learns on them)
+WORDS = ["a", "photo", "of", "red", "blue", "green", "circle", "square", "triangle", "two", "three", "left", "right",
+         "and", "the", "big", "small"]
+
+
+T5_LEN = 16           # T5 max_sequence_length in the tests (diffusers' default 256 is slow for nothing here)
+
+
+DIMS = dict(clip_l=64, clip_g=128, t5=256)   # head_dim 64 so single-file loading can infer the head counts
+
+
+TEXT_PROMPTS = ["a photo of a red circle", "two blue squares left of the green triangle", "a big small circle"]
+
+
+def t5_tokenizer():
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("▁" + w, -2.0) for w in WORDS] + [("▁" + c, -5.0) for c in string.ascii_lowercase]
+    pieces += [(c, -6.0) for c in string.ascii_lowercase]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def tiny_clip(tok, hidden, act, seed):
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=hidden // 64, max_position_embeddings=77, projection_dim=hidden,
+                         hidden_act=act, bos_token_id=0, eos_token_id=2, pad_token_id=1)   # SD3's legacy ids
+    model = CLIPTextModelWithProjection(cfg).eval()
+    with torch.no_grad():   # larger random embeddings than the 0.02 default, so the tiny towers are less degenerate
+        model.text_model.embeddings.token_embedding.weight.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def text_stack(tmp_path_factory):
+    """CLIP-L, CLIP-G (SD3's legacy ids) and T5 with their tokenizers, written as a pipeline root and as single files:
+    {root, te (TextEncoders loaded from root), te_no_t5, models (the three towers), toks (their tokenizers)}."""
+    root = tmp_path_factory.mktemp("sd3_text")
+    tok_l, tok_g = build_clip_tokenizer(root / "tokenizer", words=WORDS), \
+        build_clip_tokenizer(root / "tokenizer_2", pad_token="!", words=WORDS)   # SD3's tokenizer_2 pads "!"
+    tok_t5 = t5_tokenizer()
+    clip_l = tiny_clip(tok_l, DIMS["clip_l"], "quick_gelu", 0)
+    clip_g = tiny_clip(tok_g, DIMS["clip_g"], "gelu", 1)
+    torch.manual_seed(2)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=DIMS["t5"], d_kv=64, num_heads=2, d_ff=64,
+                                 num_layers=2, feed_forward_proj="gated-gelu")).eval()
+    for name, obj in [("text_encoder", clip_l), ("text_encoder_2", clip_g), ("text_encoder_3", t5),
+                      ("tokenizer_3", tok_t5)]:
+        obj.save_pretrained(root / name)
+    (root / "text_encoders").mkdir()
+    for name, m in [("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl_fp16", t5)]:
+        sd = {k: v.contiguous() for k, v in m.state_dict().items()
+              if k not in ("encoder.embed_tokens.weight", "text_model.embeddings.position_ids")}
+        save_file(sd, root / "text_encoders" / f"{name}.safetensors")
+    te = load_text_encoders(root, max_sequence_length=T5_LEN)
+    te_no_t5 = TextEncoders(te.clip_l, te.clip_g, te.tokenizer_l, te.tokenizer_g, joint_dim=DIMS["t5"],
+                            max_sequence_length=T5_LEN)
+    return dict(root=root, te=te, te_no_t5=te_no_t5, models=(clip_l, clip_g, t5), toks=(tok_l, tok_g, tok_t5))
+
+
+# ------------------------------------------------------------------------------------- model.py's parity cases
+# diffusers' reference MMDiT (three variants) and VAE on tiny random weights, saved in every layout the loaders read
 TINY = dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=64,
             num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=128, pooled_projection_dim=24,
             pos_embed_max_size=16)
@@ -59,6 +131,41 @@ VARIANTS = {"plain": dict(qk_norm=None, dual_attention_layers=()),
 
 
 TINY_VAE = (32, 64, 64, 64)  # a channel change, so shortcut convs are exercised
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def mmdit_case(request, tmp_path_factory):
+    return make_mmdit_case(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def dual_case(tmp_path_factory):
+    return make_mmdit_case("dual", tmp_path_factory.mktemp("dual_only"))
+
+
+@pytest.fixture(scope="module")
+def vae_case(tmp_path_factory):
+    ref = reference_vae()
+    root = tmp_path_factory.mktemp("vae")
+    ref.save_pretrained(root / "pipe" / "vae")
+    single = write_single_file(root / "sd3.safetensors", model.vae_from_diffusers(ref.state_dict()), model.VAE_PREFIX,
+                               {"model.diffusion_model.pos_embed": torch.zeros(1, 4, 8)})
+    return ref, root, single
+
+
+# ------------------------------------------------------------------------------------- reward.py's tiny models
+@pytest.fixture(scope="module")
+def tiny_rewards(tmp_path_factory):
+    """paths dict with tiny random models of every family, saved like the real downloads (build_reward_models)."""
+    yield build_reward_models(tmp_path_factory.mktemp("rewards"))
+    reward.clear_cache()
+
+
+# ==============================================================================================================
+# model.py: MMDiT, VAE, loaders, LoRA (parity with diffusers), the text stack
+# ==============================================================================================================
+
+TOL = 1e-5
 
 
 def randomize(module, seed, std=0.05):
@@ -112,18 +219,27 @@ def make_mmdit_case(variant, root):
     return variant, ref, root, single
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def mmdit_case(request, tmp_path_factory):
-    return make_mmdit_case(request.param, tmp_path_factory.mktemp(request.param))
+def diffusers_sd3(transformer=None, text_stack=None, with_t5=False):
+    """diffusers' StableDiffusion3Pipeline, the reference, around what a test compares with it (no VAE): `transformer`
+    (for its LoRA loader), or the text stack's towers and tokenizers, T5 only if with_t5 (for its encode_prompt; the
+    transformer is then a tiny one whose joint_attention_dim is the width of the zeros that stand in for T5)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    clip_l, clip_g, t5 = text_stack["models"] if text_stack else (None, None, None)
+    tok_l, tok_g, tok_t5 = text_stack["toks"] if text_stack else (None, None, None)
+    if transformer is None:
+        transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=DIMS["t5"],
+                                            caption_projection_dim=16,
+                                            pooled_projection_dim=DIMS["clip_l"] + DIMS["clip_g"], out_channels=4,
+                                            pos_embed_max_size=16)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                                    text_encoder=clip_l, tokenizer=tok_l, text_encoder_2=clip_g, tokenizer_2=tok_g,
+                                    text_encoder_3=t5 if with_t5 else None, tokenizer_3=tok_t5 if with_t5 else None)
 
 
-@pytest.fixture(scope="module")
-def dual_case(tmp_path_factory):
-    return make_mmdit_case("dual", tmp_path_factory.mktemp("dual_only"))
-
-
+# ------------------------------------------------------------------------------------- MMDiT
 @pytest.mark.parametrize("source", ["folder", "pipeline_root", "single_file"])
-def test_mmdit_parity(mmdit_case, source):
+def test_model_mmdit_parity(mmdit_case, source):
     variant, ref, root, single = mmdit_case
     path = {"folder": root / "pipe" / "transformer", "pipeline_root": root / "pipe", "single_file": single}[source]
     ours = model.load_mmdit(path)
@@ -139,7 +255,7 @@ def test_mmdit_parity(mmdit_case, source):
         assert v.shape == inputs[0].shape and diff <= TOL
 
 
-def test_mmdit_roundtrip_and_errors(mmdit_case, tmp_path):
+def test_model_mmdit_roundtrip_and_errors(mmdit_case, tmp_path):
     from diffusers import SD3Transformer2DModel
     variant, ref, root, single = mmdit_case
     ours = model.load_mmdit(single)
@@ -155,7 +271,7 @@ def test_mmdit_roundtrip_and_errors(mmdit_case, tmp_path):
         ours(*mmdit_inputs(34, 8))
 
 
-def test_mmdit_sharded_and_half_precision(tmp_path):
+def test_model_mmdit_sharded_and_half_precision(tmp_path):
     ref = reference_mmdit("dual", seed=3)
     ref.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
     assert len([f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors")]) > 1
@@ -178,7 +294,7 @@ def test_mmdit_sharded_and_half_precision(tmp_path):
             assert torch.equal(kept.context_embedder.weight, half.context_embedder.weight)
 
 
-def test_mmdit_head_dim_override(tmp_path):
+def test_model_mmdit_head_dim_override(tmp_path):
     """Without qk-norm head_dim is invisible in the weights: 64 by default, overridable."""
     from diffusers import SD3Transformer2DModel
     ref = randomize(SD3Transformer2DModel(**{**TINY, "attention_head_dim": 32, "num_attention_heads": 4}), 4)
@@ -192,7 +308,7 @@ def test_mmdit_head_dim_override(tmp_path):
     assert diff <= TOL
 
 
-def test_mmdit_bad_input(dual_case, tmp_path):
+def test_model_mmdit_bad_input(dual_case, tmp_path):
     variant, ref, root, single = dual_case
     with pytest.raises(FileNotFoundError, match="nope"):
         model.load_mmdit(tmp_path / "nope.safetensors")
@@ -222,7 +338,7 @@ def test_mmdit_bad_input(dual_case, tmp_path):
         model.load_mmdit(tmp_path)
 
 
-def test_sd35_medium_parameter_count():
+def test_model_sd35_medium_parameter_count():
     from diffusers import SD3Transformer2DModel
     cfg = model.SD35_MEDIUM
     with torch.device("meta"):
@@ -242,7 +358,7 @@ def test_sd35_medium_parameter_count():
         assert model.mmdit_config_from_state_dict(m.state_dict()) == preset
 
 
-def test_grad_checkpointing_same_gradients():
+def test_model_grad_checkpointing_same_gradients():
     sd = model.mmdit_from_diffusers(reference_mmdit("dual").state_dict())
     ours = model.MMDiT(model.mmdit_config_from_state_dict(sd))
     ours.load_state_dict(sd)
@@ -256,18 +372,47 @@ def test_grad_checkpointing_same_gradients():
     assert (grads[0] - grads[1]).abs().max() <= 1e-7
 
 
-@pytest.fixture(scope="module")
-def vae_case(tmp_path_factory):
-    ref = reference_vae()
-    root = tmp_path_factory.mktemp("vae")
-    ref.save_pretrained(root / "pipe" / "vae")
-    single = write_single_file(root / "sd3.safetensors", model.vae_from_diffusers(ref.state_dict()), model.VAE_PREFIX,
-                               {"model.diffusion_model.pos_embed": torch.zeros(1, 4, 8)})
-    return ref, root, single
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_cpu_inference_fast_paths_match_autograd_paths(dtype):
+    """The no-grad CPU shortcuts (feed-forward in MLP_CHUNK-token chunks, in-place RMSNorm and sigmoid-form GELU)
+    compute what the autograd paths compute; the parity tests never reach them (their sequences are short)."""
+    torch.manual_seed(0)
+    L = 2 * model.MLP_CHUNK + 37
+    mlp, norm = model.MLP(48, 192).to(dtype), model.RMSNorm(16).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    x, q = torch.randn(2, L, 48, dtype=dtype), torch.randn(2, 3, L, 16, dtype=dtype)
+    with torch.no_grad():
+        fast_mlp, fast_norm = mlp(x), norm(q)
+    slow_mlp, slow_norm = mlp(x).detach(), norm(q).detach()                 # grad enabled: one pass, F.gelu
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert fast_mlp.shape == slow_mlp.shape and fast_mlp.dtype == dtype
+    assert torch.allclose(fast_mlp.float(), slow_mlp.float(), atol=tol, rtol=tol)
+    assert torch.allclose(fast_norm.float(), slow_norm.float(), atol=tol, rtol=tol)
+    ref = q.float() * torch.rsqrt(q.float().pow(2).mean(-1, keepdim=True) + model.NORM_EPS) * norm.weight.float()
+    assert torch.allclose(fast_norm.float(), ref, atol=tol, rtol=tol)    # diffusers' formula, in float32
 
 
+def test_model_fresh_mmdit_init():
+    """From scratch (the shapes world's pretraining): adaLN-zero and a zero output layer, so v = 0 at init, while
+    gradients still reach the output layer; positions are distinct sin-cos rows."""
+    cfg = model.MMDiTConfig(hidden_size=128, depth=2, num_heads=2, context_dim=32, pooled_dim=24, pos_embed_max_size=8,
+                            dual_attention_layers=(0,))
+    torch.manual_seed(0)
+    net = model.MMDiT(cfg)
+    x, sigma, context, pooled = mmdit_inputs(8, 8)
+    v = net(x, sigma, context, pooled)
+    assert torch.equal(v, torch.zeros_like(v))
+    v.sub(x).square().mean().backward()
+    assert net.final_layer.linear.weight.grad.abs().sum() > 0
+    pe = net.pos_embed[0]
+    assert pe.shape == (64, 128) and pe.abs().max() <= 1
+    assert torch.cdist(pe, pe).add(torch.eye(64)).min() > 0.5  # every position distinguishable
+
+
+# ------------------------------------------------------------------------------------- VAE
 @pytest.mark.parametrize("source", ["folder", "pipeline_root", "single_file"])
-def test_vae_parity(vae_case, source):
+def test_model_vae_parity(vae_case, source):
     ref, root, single = vae_case
     path = {"folder": root / "pipe" / "vae", "pipeline_root": root / "pipe", "single_file": single}[source]
     vae = model.load_vae(path)
@@ -286,7 +431,7 @@ def test_vae_parity(vae_case, source):
     assert 0 <= dec.min() and dec.max() <= 1
 
 
-def test_vae_roundtrip_and_errors(vae_case, tmp_path):
+def test_model_vae_roundtrip_and_errors(vae_case, tmp_path):
     ref, root, single = vae_case
     vae = model.load_vae(single)
     dsd, config = model.vae_to_diffusers(vae.state_dict())
@@ -301,6 +446,7 @@ def test_vae_roundtrip_and_errors(vae_case, tmp_path):
         model.load_mmdit(tmp_path / "bad.safetensors")  # a VAE-only file is not an MMDiT
 
 
+# ------------------------------------------------------------------------------------- LoRA
 def randomize_lora(module, adapter, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -308,7 +454,7 @@ def randomize_lora(module, adapter, seed):
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def test_lora_adapters(dual_case):
+def test_model_lora_adapters(dual_case):
     variant, ref, root, single = dual_case
     ours = model.load_mmdit(single)
     base_ptrs = {k: v.data_ptr() for k, v in ours.state_dict().items()}
@@ -359,9 +505,8 @@ def test_lora_adapters(dual_case):
         model.load_lora_state_dict(ours, bad, "old")
 
 
-def test_lora_save_load_and_diffusers(mmdit_case, tmp_path):
+def test_model_lora_save_load_and_diffusers(mmdit_case, tmp_path):
     variant, ref, root, single = mmdit_case
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     ours = model.load_mmdit(single)
     model.add_lora(ours, rank=4, alpha=12, adapter="policy", seed=0)  # scale 3: not a power of two
     randomize_lora(ours, "policy", 5)
@@ -371,9 +516,7 @@ def test_lora_save_load_and_diffusers(mmdit_case, tmp_path):
     with torch.no_grad(), model.use_adapter(ours, "policy"):
         v_ours = ours(*inputs)
     # diffusers: the user's route, StableDiffusion3Pipeline.load_lora_weights
-    pipe = StableDiffusion3Pipeline(transformer=reference_mmdit(variant), scheduler=FlowMatchEulerDiscreteScheduler(),
-                                    vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                    tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    pipe = diffusers_sd3(reference_mmdit(variant))
     pipe.load_lora_weights(str(path), adapter_name="e2po")
     diff = (ref_forward(pipe.transformer, *inputs) - v_ours).abs().max().item()
     print(f"lora {variant} ours vs diffusers/peft: max abs diff {diff:.2e}")
@@ -398,7 +541,7 @@ NFT_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to
                "attn.to_q", "attn.to_v"]  # DiffusionNFT's peft target_modules
 
 
-def test_lora_save_is_atomic(dual_case, tmp_path, monkeypatch):
+def test_model_lora_save_is_atomic(dual_case, tmp_path, monkeypatch):
     """A write that dies midway leaves the previous LoRA file whole and no temporary behind."""
     m = model.load_mmdit(dual_case[2] / "pipe")
     model.add_lora(m, rank=4, alpha=8, adapter="policy", seed=0)
@@ -415,7 +558,7 @@ def test_lora_save_is_atomic(dual_case, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("targets", [NFT_TARGETS, ["attn.to_q", "attn2.to_out.0"]])
-def test_lora_written_by_diffusers(dual_case, tmp_path, targets):
+def test_model_lora_written_by_diffusers(dual_case, tmp_path, targets):
     """A LoRA trained with peft and saved by diffusers (alpha != rank in its metadata) loads into ours exactly,
     also one that adapts only to_q of a fused qkv (and a non-default target)."""
     from diffusers import StableDiffusion3Pipeline
@@ -445,7 +588,7 @@ def test_lora_written_by_diffusers(dual_case, tmp_path, targets):
     assert diff <= TOL
 
 
-def test_lora_training_step_bf16_base(dual_case):
+def test_model_lora_gradient_step_on_a_bf16_base(dual_case):
     """fp32 LoRA on a bf16 base: forward from fp32 inputs, gradients reach only the active adapter, also through
     activation checkpointing (what train.py does)."""
     variant, ref, root, single = dual_case
@@ -465,138 +608,13 @@ def test_lora_training_step_bf16_base(dual_case):
     assert all(p.grad is None for n, p in ours.named_parameters() if ".lora_" not in n)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_inference_fast_paths_match_autograd_paths(dtype):
-    """The no-grad CPU shortcuts (feed-forward in MLP_CHUNK-token chunks, in-place RMSNorm and sigmoid-form GELU)
-    compute what the autograd paths compute; the parity tests never reach them (their sequences are short)."""
-    torch.manual_seed(0)
-    L = 2 * model.MLP_CHUNK + 37
-    mlp, norm = model.MLP(48, 192).to(dtype), model.RMSNorm(16).to(dtype)
-    with torch.no_grad():
-        norm.weight.normal_(1.0, 0.2)
-    x, q = torch.randn(2, L, 48, dtype=dtype), torch.randn(2, 3, L, 16, dtype=dtype)
-    with torch.no_grad():
-        fast_mlp, fast_norm = mlp(x), norm(q)
-    slow_mlp, slow_norm = mlp(x).detach(), norm(q).detach()                 # grad enabled: one pass, F.gelu
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert fast_mlp.shape == slow_mlp.shape and fast_mlp.dtype == dtype
-    assert torch.allclose(fast_mlp.float(), slow_mlp.float(), atol=tol, rtol=tol)
-    assert torch.allclose(fast_norm.float(), slow_norm.float(), atol=tol, rtol=tol)
-    ref = q.float() * torch.rsqrt(q.float().pow(2).mean(-1, keepdim=True) + model.NORM_EPS) * norm.weight.float()
-    assert torch.allclose(fast_norm.float(), ref, atol=tol, rtol=tol)    # diffusers' formula, in float32
-
-
-def test_fresh_mmdit_init():
-    """From scratch (the shapes world's pretraining): adaLN-zero and a zero output layer, so v = 0 at init, while
-    gradients still reach the output layer; positions are distinct sin-cos rows."""
-    cfg = model.MMDiTConfig(hidden_size=128, depth=2, num_heads=2, context_dim=32, pooled_dim=24, pos_embed_max_size=8,
-                            dual_attention_layers=(0,))
-    torch.manual_seed(0)
-    net = model.MMDiT(cfg)
-    x, sigma, context, pooled = mmdit_inputs(8, 8)
-    v = net(x, sigma, context, pooled)
-    assert torch.equal(v, torch.zeros_like(v))
-    v.sub(x).square().mean().backward()
-    assert net.final_layer.linear.weight.grad.abs().sum() > 0
-    pe = net.pos_embed[0]
-    assert pe.shape == (64, 128) and pe.abs().max() <= 1
-    assert torch.cdist(pe, pe).add(torch.eye(64)).min() > 0.5  # every position distinguishable
-
-
-# ==============================================================================================================
-# text stack + perturb.py: encode parity, E²PO Phase I
-# ==============================================================================================================
-
-WORDS = ["a", "photo", "of", "red", "blue", "green", "circle", "square", "triangle", "two", "three", "left", "right",
-         "and", "the", "big", "small"]
-
-
-T5_LEN = 16           # T5 max_sequence_length in the tests (diffusers' default 256 is slow for nothing here)
-
-
-DIMS = dict(clip_l=64, clip_g=128, t5=256)   # head_dim 64 so single-file loading can infer the head counts
-
-
-TEXT_PROMPTS = ["a photo of a red circle", "two blue squares left of the green triangle", "a big small circle"]
-
-
-def clip_tokenizer(pad):
-    chars = list(string.ascii_lowercase) + ["!", ",", "."]
-    vocab = {c: i for i, c in enumerate(chars)}            # "!" must be id 26 < specials; SD3's tokenizer_2 pads "!"
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    merges = []
-    for w in ["red", "blue", "circle", "photo"]:             # a few BPE merges so words become single tokens
-        cur = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(cur) > 1:
-            merges.append((cur[0], cur[1]))
-            vocab.setdefault(cur[0] + cur[1], len(vocab))
-            cur = [cur[0] + cur[1]] + cur[2:]
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)                      # EOS is the largest id, as in CLIP's real vocabulary
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad, model_max_length=77)
-
-
-def t5_tokenizer():
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("▁" + w, -2.0) for w in WORDS] + [("▁" + c, -5.0) for c in string.ascii_lowercase]
-    pieces += [(c, -6.0) for c in string.ascii_lowercase]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
-
-
-def tiny_clip(tok, hidden, act, seed):
-    torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=hidden // 64, max_position_embeddings=77, projection_dim=hidden,
-                         hidden_act=act, bos_token_id=0, eos_token_id=2, pad_token_id=1)   # SD3's legacy ids
-    model = CLIPTextModelWithProjection(cfg).eval()
-    with torch.no_grad():   # larger random embeddings than the 0.02 default, so the tiny towers are less degenerate
-        model.text_model.embeddings.token_embedding.weight.normal_(0, 0.5)
-    return model
-
-
-@pytest.fixture(scope="module")
-def text_stack(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd3_text")
-    tok_l, tok_g, tok_t5 = clip_tokenizer("<|endoftext|>"), clip_tokenizer("!"), t5_tokenizer()
-    clip_l = tiny_clip(tok_l, DIMS["clip_l"], "quick_gelu", 0)
-    clip_g = tiny_clip(tok_g, DIMS["clip_g"], "gelu", 1)
-    torch.manual_seed(2)
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=DIMS["t5"], d_kv=64, num_heads=2, d_ff=64,
-                                 num_layers=2, feed_forward_proj="gated-gelu")).eval()
-    for name, obj in [("text_encoder", clip_l), ("text_encoder_2", clip_g), ("text_encoder_3", t5),
-                      ("tokenizer", tok_l), ("tokenizer_2", tok_g), ("tokenizer_3", tok_t5)]:
-        obj.save_pretrained(root / name)
-    (root / "text_encoders").mkdir()
-    for name, m in [("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl_fp16", t5)]:
-        sd = {k: v.contiguous() for k, v in m.state_dict().items()
-              if k not in ("encoder.embed_tokens.weight", "text_model.embeddings.position_ids")}
-        save_file(sd, root / "text_encoders" / f"{name}.safetensors")
-    te = load_text_encoders(root, max_sequence_length=T5_LEN)
-    te_no_t5 = TextEncoders(te.clip_l, te.clip_g, te.tokenizer_l, te.tokenizer_g, joint_dim=DIMS["t5"],
-                            max_sequence_length=T5_LEN)
-    return dict(root=root, te=te, te_no_t5=te_no_t5, models=(clip_l, clip_g, t5), toks=(tok_l, tok_g, tok_t5))
-
-
-def diffusers_pipe(text_stack, with_t5):
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    clip_l, clip_g, t5 = text_stack["models"]
-    tok_l, tok_g, tok_t5 = text_stack["toks"]
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
-                                        num_attention_heads=2, joint_attention_dim=DIMS["t5"],
-                                        caption_projection_dim=16,
-                                        pooled_projection_dim=DIMS["clip_l"] + DIMS["clip_g"], out_channels=4,
-                                        pos_embed_max_size=16)
-    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
-                                    text_encoder=clip_l, tokenizer=tok_l, text_encoder_2=clip_g, tokenizer_2=tok_g,
-                                    text_encoder_3=t5 if with_t5 else None, tokenizer_3=tok_t5 if with_t5 else None)
-
-
+# ------------------------------------------------------------------------------------- text stack
 @pytest.mark.parametrize("with_t5", [True, False])
-def test_encode_matches_diffusers(text_stack, with_t5):
+def test_model_text_encode_matches_diffusers(text_stack, with_t5):
     te = text_stack["te"] if with_t5 else text_stack["te_no_t5"]
     prompts = TEXT_PROMPTS + [""]
     with torch.no_grad():   # as in the pipeline's __call__ (grad mode picks other CPU attention kernels: ~1e-6)
-        ref_ctx, _, ref_pooled, _ = diffusers_pipe(text_stack, with_t5).encode_prompt(
+        ref_ctx, _, ref_pooled, _ = diffusers_sd3(text_stack=text_stack, with_t5=with_t5).encode_prompt(
             prompts, prompt_2=None, prompt_3=None, device="cpu", do_classifier_free_guidance=False,
             max_sequence_length=T5_LEN)
     context, pooled = te.encode(prompts)
@@ -607,7 +625,7 @@ def test_encode_matches_diffusers(text_stack, with_t5):
     assert (context[:, 77:].abs().max() == 0) == (not with_t5)
 
 
-def test_single_files_load_the_same(text_stack):
+def test_model_text_single_files_load_the_same(text_stack):
     te1 = load_text_encoders(text_stack["root"] / "text_encoders", max_sequence_length=T5_LEN)
     assert te1.t5 is not None
     assert te1.clip_l.config.hidden_act == "quick_gelu" and te1.clip_g.config.hidden_act == "gelu"
@@ -618,7 +636,7 @@ def test_single_files_load_the_same(text_stack):
     torch.testing.assert_close(te2.encode(TEXT_PROMPTS)[0][:, :77], te1.encode(TEXT_PROMPTS)[0][:, :77], rtol=0, atol=1e-6)
 
 
-def test_bad_paths_are_clear_errors(text_stack, tmp_path):
+def test_model_text_bad_paths_are_clear_errors(text_stack, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         load_text_encoders(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="clip_l.safetensors"):
@@ -633,7 +651,7 @@ def test_bad_paths_are_clear_errors(text_stack, tmp_path):
 
 
 @pytest.mark.parametrize("source", ["root", "single_files"])
-def test_building_blocks(text_stack, source):
+def test_model_text_building_blocks(text_stack, source):
     # the pipeline root's configs use SD3's legacy eos_token_id=2 (pool at the largest id); single files get the
     # tokenizer's EOS id (pool at the first EOS): both pooling rules are checked
     te = text_stack["te"]
@@ -664,7 +682,7 @@ def test_building_blocks(text_stack, source):
     assert torch.equal(pooled[:, 1], ref[1])
 
 
-def test_over_long_prompt_warns_once(text_stack):
+def test_model_text_over_long_prompt_warns_once(text_stack):
     long = " ".join(["red circle"] * 60)
     with pytest.warns(UserWarning, match="truncated") as rec:
         ctx, _ = text_stack["te"].encode([long, "a red circle"])
@@ -673,10 +691,25 @@ def test_over_long_prompt_warns_once(text_stack):
     assert content.sum() == 75 and ids[0, -1] == text_stack["te"].tokenizer_l.eos_token_id
 
 
+def test_model_text_pipeline_notes_decide_the_zero_t5_tokens(text_stack, tmp_path):
+    import shutil
+    root = tmp_path / "root"
+    shutil.copytree(text_stack["root"], root, ignore=shutil.ignore_patterns("text_encoder_3", "text_encoders"))
+    assert model.load_text_encoders(root, t5=False).max_sequence_length == model.T5_MAX_LENGTH   # diffusers' 256
+    (root / model.PIPELINE_NOTES).write_text(json.dumps({"max_sequence_length": 5}))
+    te = model.load_text_encoders(root, t5=False)
+    assert te.max_sequence_length == 5 and te.encode(["a red circle"])[0].shape[1] == te.clip_length + 5
+    assert model.load_text_encoders(root, t5=False, max_sequence_length=7).max_sequence_length == 7
+
+
+# ==============================================================================================================
+# perturb.py: E²PO Phase I (learned embedding perturbations) on the text stack
+# ==============================================================================================================
+
 QUICK = dict(num_variants=4, steps=40)
 
 
-def test_only_content_positions_and_norm_bound(text_stack):
+def test_perturb_only_content_positions_and_norm_bound(text_stack):
     te = text_stack["te"]
     out = learn_perturbations(te, TEXT_PROMPTS, **QUICK, delta_max=0.05)
     delta = out.stats["delta"]["clip_l"]
@@ -689,7 +722,7 @@ def test_only_content_positions_and_norm_bound(text_stack):
     assert torch.isfinite(out.context).all()
 
 
-def test_only_clip_l_slice_changes(text_stack):
+def test_perturb_only_clip_l_slice_changes(text_stack):
     te = text_stack["te"]
     ctx0, pooled0 = te.encode(TEXT_PROMPTS)
     out = learn_perturbations(te, TEXT_PROMPTS, **QUICK)
@@ -707,7 +740,7 @@ def test_only_clip_l_slice_changes(text_stack):
     assert set(both.stats["per_encoder"]) == {"clip_l", "clip_g"}
 
 
-def test_prompt_cosines_match_the_pooled_slice_and_the_cli_prints_them(text_stack, capsys):
+def test_perturb_prompt_cosines_match_the_pooled_slice_and_the_cli_prints_them(text_stack, capsys):
     import perturb
     te, dl = text_stack["te"], DIMS["clip_l"]
     _, pooled = te.encode(TEXT_PROMPTS)                       # the assembled conditioning: CLIP-L pooled comes first
@@ -723,7 +756,7 @@ def test_prompt_cosines_match_the_pooled_slice_and_the_cli_prints_them(text_stac
     assert "cos between the original prompts" in out and f"  [0] 1.000 {cos[0, 1].item():.3f}" in out
 
 
-def test_loss_decreases_and_reaches_anchor_band(text_stack):
+def test_perturb_loss_decreases_and_reaches_anchor_band(text_stack):
     # A setting where the band is the optimum: Eq. 12 is an L1 term (slope 1 per variant), so it holds the variants at
     # cos μ−ε only while λ_div·2μ/(K−2) < 1 (see perturb.py); with Table 3's λ_div = 50 diversity wins until the
     # norm bound binds.
@@ -743,14 +776,14 @@ def test_loss_decreases_and_reaches_anchor_band(text_stack):
     assert (st["mean_pairwise_cos"] < 0.7).all(), st["mean_pairwise_cos"]
 
 
-def test_default_settings_decrease_loss(text_stack):
+def test_perturb_default_settings_decrease_loss(text_stack):
     out = learn_perturbations(text_stack["te"], TEXT_PROMPTS[:1], num_variants=12, steps=100)
     hist = out.stats["L_emb_history"][:, 0]
     assert out.stats["L_emb"][0] < hist[0] and hist[-1] < hist[0]
     assert out.stats["cos_to_anchor"].shape == (1, 11) and out.stats["mean_pairwise_cos"].shape == (1,)
 
 
-def test_batched_equals_per_prompt_and_deterministic(text_stack):
+def test_perturb_batched_equals_per_prompt_and_deterministic(text_stack):
     # float64 encoders: at σ_init = 1e-4 the first Adam steps are ≈ lr·sign(grad), and in float32 the gradient's
     # rounding noise (cosines near 1) flips the sign of some tiny components, so float32 batched and single runs differ
     # by more than rounding (still deterministic for a given batch); float64 shows the prompts are truly independent.
@@ -771,7 +804,7 @@ def test_batched_equals_per_prompt_and_deterministic(text_stack):
     assert not torch.equal(other.pooled, first.pooled)
 
 
-def test_empty_prompt_gives_original_and_warns(text_stack):
+def test_perturb_empty_prompt_gives_original_and_warns(text_stack):
     te = text_stack["te"]
     with pytest.warns(UserWarning, match="no content tokens"):
         out = learn_perturbations(te, ["", "a red circle"], **QUICK)
@@ -783,7 +816,7 @@ def test_empty_prompt_gives_original_and_warns(text_stack):
     assert (out.pooled[1, 1:] != out.pooled[1, :1]).any()
 
 
-def test_k1_and_k2(text_stack):
+def test_perturb_k1_and_k2(text_stack):
     te = text_stack["te"]
     out = learn_perturbations(te, TEXT_PROMPTS, num_variants=1)
     ctx0, pooled0 = te.encode(TEXT_PROMPTS)
@@ -797,7 +830,7 @@ def test_k1_and_k2(text_stack):
         learn_perturbations(te, TEXT_PROMPTS, encoders=("t5",))
 
 
-def test_embedding_losses_formula():
+def test_perturb_embedding_losses_formula():
     e = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
     anc = torch.tensor([[1.0, 0.0]])
     L_div, L_anc, cos = embedding_losses(e, anc, mu=0.8, eps=0.01)
@@ -807,14 +840,8 @@ def test_embedding_losses_formula():
     torch.testing.assert_close(L_anc, torch.tensor([(0.2 - 0.01) + (0.8 - 0.01) + (0.8 - c - 0.01)]))
 
 
-BENCH_PROMPTS = ["a photo of a red circle", "a photo of two blue squares", "a photo of a green triangle left of a "
-                 "yellow circle", "a photo of three small purple hexagons", "a photo of an orange square above a "
-                 "white star", "a photo of a big black circle and a small pink triangle", "a photo of four cyan "
-                 "stars", "a photo of a brown square right of a gray circle"]
-
-
 # ==============================================================================================================
-# sample.py: schedule, solvers, noise-aware schedule, group sampling
+# sample.py: schedule, solvers, noise-aware schedule, group sampling, parity with diffusers' pipeline, the CLI
 # ==============================================================================================================
 
 class GaussianFlow:
@@ -849,8 +876,9 @@ def _perturbed(P, K, zero=False, seed=1, S_=3, D=8, Dp=5):
     return SimpleNamespace(context=ctx, pooled=pol)
 
 
+# ------------------------------------------------------------------------------------- schedules
 @pytest.mark.parametrize("n", [1, 2, 3, 10, 28, 40, 50])
-def test_sigma_schedule_equals_diffusers(n):
+def test_sample_sigma_schedule_equals_diffusers(n):
     from diffusers import FlowMatchEulerDiscreteScheduler
     sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)   # SD3.5's scheduler config
     sch.set_timesteps(n)
@@ -861,13 +889,13 @@ def test_sigma_schedule_equals_diffusers(n):
     assert ours[0] == 1.0 and ours[-1] == 0.0 and (ours.diff() < 0).all()
 
 
-def test_sigma_schedule_bad_input():
+def test_sample_sigma_schedule_bad_input():
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match="num_steps"):
             S.sigma_schedule(bad)
 
 
-def test_gamma_boundaries():
+def test_sample_gamma_boundaries():
     rho = 0.4
     assert S.gamma(1.0, rho) == 1.0 and S.gamma(1 - rho, rho) == 0.0
     assert S.gamma(0.0, rho) == 0.0 and S.gamma(0.3, rho) == 0.0 and S.gamma(1.5, rho) == 1.0
@@ -889,7 +917,7 @@ def test_gamma_boundaries():
             S.gamma(0.5, bad)
 
 
-def test_condition_schedule_seen_by_the_model():
+def test_sample_condition_schedule_seen_by_the_velocity_fn():
     """Each model call sees C_orig + γ(σ)(C_opt − C_orig): exactly C_opt at σ = 1, exactly C_orig for σ ≤ 1 − ρ."""
     noise, ctx, pol = _data(2)
     ctx_opt, pol_opt = ctx + 1.0, pol - 2.0
@@ -916,6 +944,7 @@ def test_condition_schedule_seen_by_the_model():
     assert all(torch.equal(c, ctx_opt) and torch.equal(p, pol_opt) for _, c, p, _ in f.calls)
 
 
+# ------------------------------------------------------------------------------------- solvers
 def _errors(solver, steps, s=1.0):
     noise, ctx, pol = _data(16)
     f = GaussianFlow(s)
@@ -924,7 +953,7 @@ def _errors(solver, steps, s=1.0):
             for n in steps]
 
 
-def test_convergence_orders():
+def test_sample_convergence_orders():
     """Euler is first order (error /2 when steps double), DPM-Solver++(2M) second order (/4)."""
     steps = (20, 40, 80)
     e_euler, e_dpm = _errors("euler", steps), _errors("dpm2m", steps)
@@ -937,7 +966,7 @@ def test_convergence_orders():
     assert e_dpm[-1] < e_euler[-1] / 3
 
 
-def test_dpm2m_equals_diffusers_multistep_on_our_grid():
+def test_sample_dpm2m_equals_diffusers_multistep_on_our_grid():
     """diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, flow_prediction, final σ 0) run on the SD3
     σ grid — DiffusionNFT's rollout solver."""
     from diffusers import DPMSolverMultistepScheduler
@@ -958,7 +987,7 @@ def test_dpm2m_equals_diffusers_multistep_on_our_grid():
         torch.testing.assert_close(ours, x, rtol=0, atol=1e-5)
 
 
-def test_sde_eta0_is_euler_and_sde_keeps_the_marginal():
+def test_sample_sde_eta0_is_euler_and_sde_keeps_the_marginal():
     noise, ctx, pol = _data(4)
     f = GaussianFlow(0.5)
     euler = S.sample(f, noise, ctx, pol, num_steps=12, solver="euler")
@@ -977,7 +1006,7 @@ def test_sde_eta0_is_euler_and_sde_keeps_the_marginal():
     assert torch.equal(sde, again)
 
 
-def test_cfg():
+def test_sample_cfg():
     """guidance 1: one forward of B per step; >1: one batched forward of 2B, v_u + w(v_c − v_u)."""
     noise, ctx, pol = _data(3)
     neg_ctx, neg_pol = torch.zeros(1, *ctx.shape[1:]), torch.zeros(1, pol.shape[1])
@@ -995,7 +1024,7 @@ def test_cfg():
         S.sample(f, noise, ctx, pol, guidance_scale=2.0)
 
 
-def test_bad_arguments():
+def test_sample_bad_arguments():
     noise, ctx, pol = _data(2)
     f = GaussianFlow()
     with pytest.raises(ValueError, match="solver"):
@@ -1014,6 +1043,7 @@ def test_bad_arguments():
         S.sample_groups(f, None, SimpleNamespace(context=ctx, pooled=pol), 2, latent_size=(4, 4))
 
 
+# ------------------------------------------------------------------------------------- group sampling
 def _plain(f, P_ctx, P_pol, noise, **kw):
     """sample() on one prompt's original condition, for the G noises of that prompt."""
     G = noise.shape[0]
@@ -1021,7 +1051,7 @@ def _plain(f, P_ctx, P_pol, noise, **kw):
 
 
 @pytest.mark.parametrize("solver", ["euler", "dpm2m", "sde"])
-def test_group_k1_equals_plain_sampling(solver):
+def test_sample_group_k1_equals_plain_sampling(solver):
     P, G = (1 if solver == "sde" else 2), 3
     pert = _perturbed(P, 1)
     f = GaussianFlow()
@@ -1038,7 +1068,7 @@ def test_group_k1_equals_plain_sampling(solver):
 
 
 @pytest.mark.parametrize("solver", ["dpm2m", "sde"])
-def test_zero_perturbations_equal_plain_sampling(solver):
+def test_sample_group_of_unchanged_variants_equals_plain_sampling(solver):
     P, K, G = 2, 3, 2
     pert = _perturbed(P, K, zero=True)
     f = GaussianFlow()
@@ -1055,7 +1085,7 @@ def test_zero_perturbations_equal_plain_sampling(solver):
             assert torch.equal(grp.latents[n:n + 1], ref)
 
 
-def test_group_order_shared_noise_and_original_member_untouched():
+def test_sample_group_order_shared_noise_and_original_member_untouched():
     P, K, G = 2, 4, 3
     pert = _perturbed(P, K)
     f = GaussianFlow()
@@ -1084,7 +1114,7 @@ def test_group_order_shared_noise_and_original_member_untouched():
     assert torch.equal(b, b[:, :1].expand_as(b)) and (b[:, :, 0] - b[:, :, 1]).abs().max() > 0.1
 
 
-def test_group_ablations_and_determinism():
+def test_sample_group_ablations_and_determinism():
     P, K, G = 2, 3, 2
     pert = _perturbed(P, K)
     f = GaussianFlow()
@@ -1115,35 +1145,34 @@ class _ToyVAE:
         return torch.sigmoid(latents[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2))
 
 
-def test_group_decodes():
+def test_sample_group_decodes():
     pert = _perturbed(1, 2)
     grp = S.sample_groups(GaussianFlow(), _ToyVAE(), pert, 2, num_steps=3, latent_size=(4, 4), micro_batch=3)
     assert grp.images.shape == (4, 3, 32, 32) and 0 <= grp.images.min() and grp.images.max() <= 1
     assert S.sample_groups(GaussianFlow(), _ToyVAE(), pert, 2, num_steps=3, latent_size=(4, 4), decode=False).images is None
 
 
-TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-                joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=24, out_channels=16,
-                pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+def test_sample_variant_spread_separates_the_variants_from_the_noise():
+    # one prompt, K = 3 variants × G = 2 noises in Group order n = k·G + g; images are constants, so every
+    # difference is known: original noise 0 → 0.1, noise 1 → 0.5; variants add +0.02 and −0.04
+    variant, seed_idx = torch.arange(3).repeat_interleave(2), torch.arange(2).repeat(3)
+    base, shift = torch.tensor([0.1, 0.5]), torch.tensor([0.0, 0.02, -0.04])
+    images = (base[seed_idx] + shift[variant]).view(-1, 1, 1, 1).expand(-1, 3, 4, 4)
+    by_variant, by_noise = S.variant_spread(images, variant, seed_idx)
+    assert by_variant == pytest.approx(0.03) and by_noise == pytest.approx(0.4)
+    by_variant, by_noise = S.variant_spread(images[variant == 0][:1], variant[:1], seed_idx[:1])
+    assert math.isnan(by_variant) and math.isnan(by_noise)      # one image: nothing to compare
 
 
-def _tiny_pipeline(tmp_path):
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    torch.manual_seed(0)
-    tr = SD3Transformer2DModel(**TINY_SD3).eval()
-    with torch.no_grad():                      # zero-initialised output layers would make v ≡ 0: randomise all
-        for prm in tr.parameters():
-            prm.copy_(torch.randn_like(prm) * 0.3)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                        latent_channels=16, norm_num_groups=4, scaling_factor=1.5305, shift_factor=0.0609)
-    pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                    text_encoder_3=None, tokenizer_3=None)
+# ------------------------------------------------------------------------------------- on the tiny pipeline
+def _diffusers_pipeline(root):
+    """diffusers' StableDiffusion3Pipeline.from_pretrained on the tiny pipeline root: the reference (its transformer
+    loads in float32; the root's model_index.json names no T5, image encoder or feature extractor)."""
+    from diffusers import StableDiffusion3Pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(root, text_encoder_3=None, tokenizer_3=None, image_encoder=None,
+                                                    feature_extractor=None)
     pipe.set_progress_bar_config(disable=True)
-    tr.save_pretrained(tmp_path / "transformer")
-    return pipe, tr
+    return pipe
 
 
 def _pipeline_latents(pipe, noise, ctx, pol, steps):
@@ -1152,11 +1181,12 @@ def _pipeline_latents(pipe, noise, ctx, pol, steps):
                 width=noise.shape[3] * 8).images
 
 
-def test_euler_equals_diffusers_sd3_pipeline(tmp_path):
+def test_sample_euler_equals_diffusers_sd3_pipeline(tiny_root):
     """Our Euler sampler with diffusers' own transformer as the velocity model == StableDiffusion3Pipeline
     (guidance 1, output_type='latent', which returns the model-space latents, not unscaled)."""
-    pipe, tr = _tiny_pipeline(tmp_path)
-    noise, ctx, pol = _data(2, S_=5, D=32, Dp=24, hw=8)
+    pipe = _diffusers_pipeline(tiny_root)
+    tr = pipe.transformer
+    noise, ctx, pol = _data(2, S_=5, D=tr.config.joint_attention_dim, Dp=tr.config.pooled_projection_dim, hw=8)
     ref = _pipeline_latents(pipe, noise, ctx, pol, 8)
     v = lambda x, s, c, p: tr(hidden_states=x, timestep=s * 1000, encoder_hidden_states=c, pooled_projections=p).sample
     ours = S.sample(v, noise, ctx, pol, num_steps=8, solver="euler")
@@ -1164,10 +1194,10 @@ def test_euler_equals_diffusers_sd3_pipeline(tmp_path):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
 
 
-def test_euler_with_load_mmdit_equals_diffusers_sd3_pipeline(tmp_path):
-    pipe, tr = _tiny_pipeline(tmp_path)
-    mmdit = model.load_mmdit(tmp_path / "transformer")
-    noise, ctx, pol = _data(2, S_=5, D=32, Dp=24, hw=8)
+def test_sample_euler_with_load_mmdit_equals_diffusers_sd3_pipeline(tiny_root):
+    pipe = _diffusers_pipeline(tiny_root)
+    mmdit = model.load_mmdit(tiny_root)
+    noise, ctx, pol = _data(2, S_=5, D=mmdit.cfg.context_dim, Dp=mmdit.cfg.pooled_dim, hw=8)
     ref = _pipeline_latents(pipe, noise, ctx, pol, 8)
     ours = S.sample(mmdit, noise, ctx, pol, num_steps=8, solver="euler")
     err = (ours - ref).abs().max().item()
@@ -1175,16 +1205,17 @@ def test_euler_with_load_mmdit_equals_diffusers_sd3_pipeline(tmp_path):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
-def test_group_sampling_uses_the_named_adapter(tmp_path):
-    _, _ = _tiny_pipeline(tmp_path)
-    mmdit = model.load_mmdit(tmp_path / "transformer")
+def test_sample_groups_use_the_named_adapter(tiny_root):
+    mmdit = model.load_mmdit(tiny_root)
     model.add_lora(mmdit, rank=2, alpha=4, adapter="old", seed=0)
     model.add_lora(mmdit, rank=2, alpha=4, adapter="policy", seed=1)
+    torch.manual_seed(0)
     with torch.no_grad():
         for prm in model.lora_parameters(mmdit, "old"):
             prm.add_(0.2 * torch.randn_like(prm))
     g = torch.Generator().manual_seed(1)
-    pert = SimpleNamespace(context=torch.randn(1, 2, 5, 32, generator=g), pooled=torch.randn(1, 2, 24, generator=g))
+    pert = SimpleNamespace(context=torch.randn(1, 2, 5, mmdit.cfg.context_dim, generator=g),
+                           pooled=torch.randn(1, 2, mmdit.cfg.pooled_dim, generator=g))
     kw = dict(num_steps=3, latent_size=(8, 8), micro_batch=4)
     model.set_adapter(mmdit, "policy")
     old = S.sample_groups(mmdit, None, pert, 2, adapter="old", generator=torch.Generator().manual_seed(0), **kw)
@@ -1199,31 +1230,23 @@ def test_group_sampling_uses_the_named_adapter(tmp_path):
         S.sample_groups(mmdit, None, pert, 2, adapter="nope", **kw)
 
 
-def _tiny_root(root):
-    """A random tiny SD3 pipeline root (transformer/, vae/, text_encoder{,_2}/, tokenizer{,_2}/) for the CLI."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-    from data.shapes import world
-    torch.manual_seed(0)
-    world.write_clip_tokenizer(root / "tokenizer")
-    world.write_clip_tokenizer(root / "tokenizer_2", pad_token="!")
-    tok = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    for name, hid in (("text_encoder", 32), ("text_encoder_2", 64)):
-        cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hid, intermediate_size=2 * hid, num_hidden_layers=1,
-                             num_attention_heads=2, projection_dim=hid, max_position_embeddings=77,
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        CLIPTextModelWithProjection(cfg).save_pretrained(root / name)
-    dit = model.MMDiT(model.MMDiTConfig(hidden_size=32, depth=2, num_heads=2, context_dim=128, pooled_dim=96,
-                                        pos_embed_max_size=8, qk_norm=True, dual_attention_layers=(0,)))
-    with torch.no_grad():
-        for prm in dit.parameters():
-            prm.copy_(torch.randn_like(prm) * 0.05)
-    model.save_diffusers(dit, root / "transformer", sample_size=4)
-    model.save_diffusers(model.VAE(block_out_channels=(32, 32), latent_channels=16), root / "vae")
+def test_sample_caller_autocast(tiny_root):
+    """The sampler runs inside the caller's autocast: float32 latents out, close to the float32 run."""
+    mmdit = model.load_mmdit(tiny_root)
+    g = torch.Generator().manual_seed(1)
+    pert = SimpleNamespace(context=torch.randn(1, 2, 5, mmdit.cfg.context_dim, generator=g),
+                           pooled=torch.randn(1, 2, mmdit.cfg.pooled_dim, generator=g))
+    kw = dict(num_steps=3, latent_size=(8, 8), adapter=None)
+    ref = S.sample_groups(mmdit, None, pert, 2, generator=torch.Generator().manual_seed(0), **kw).latents
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = S.sample_groups(mmdit, None, pert, 2, generator=torch.Generator().manual_seed(0), **kw).latents
+    assert low.dtype == torch.float32 and not torch.equal(low, ref)
+    assert (low - ref).abs().max() < 0.05 * ref.abs().max()
 
 
-def test_cli_writes_images(tmp_path, capsys, monkeypatch):
-    from PIL import Image
-    _tiny_root(tmp_path / "root")
+# ------------------------------------------------------------------------------------- the CLI
+def test_sample_cli_writes_images(tmp_path, capsys, monkeypatch):
+    build_tiny_pipeline(tmp_path / "root", vae_channels=(32, 32), size=8)     # 8 px: sample_size 4, VAE factor 2
     out = tmp_path / "out"
     S.main(["--prompt", "a red circle", "--weights", str(tmp_path / "root"), "--num_images", "2", "--steps", "3",
             "--num_variants", "2", "--out", str(out), "--solver", "dpm2m"])
@@ -1244,7 +1267,7 @@ def test_cli_writes_images(tmp_path, capsys, monkeypatch):
     assert not loads
 
 
-def test_cli_reads_the_default_world_with_its_own_t5_tokens_and_size(tmp_path, monkeypatch):
+def test_sample_cli_reads_the_shipped_pipeline_with_its_own_t5_tokens_and_size(tmp_path, monkeypatch):
     """The world's pipeline declares its zero T5 tokens (e2po.json; 256, diffusers' default, wash out its CLIP
     tokens) and its size (transformer sample_size × VAE factor); the CLI takes both, however the folder is named."""
     seen = {}
@@ -1261,43 +1284,6 @@ def test_cli_reads_the_default_world_with_its_own_t5_tokens_and_size(tmp_path, m
         assert Image.open(tmp_path / "k0_g0.png").size == (side, side)
 
 
-def test_model_pipeline_notes_decide_the_zero_t5_tokens(text_stack, tmp_path):
-    import shutil
-    root = tmp_path / "root"
-    shutil.copytree(text_stack["root"], root, ignore=shutil.ignore_patterns("text_encoder_3", "text_encoders"))
-    assert model.load_text_encoders(root, t5=False).max_sequence_length == model.T5_MAX_LENGTH   # diffusers' 256
-    (root / model.PIPELINE_NOTES).write_text(json.dumps({"max_sequence_length": 5}))
-    te = model.load_text_encoders(root, t5=False)
-    assert te.max_sequence_length == 5 and te.encode(["a red circle"])[0].shape[1] == te.clip_length + 5
-    assert model.load_text_encoders(root, t5=False, max_sequence_length=7).max_sequence_length == 7
-
-
-def test_variant_spread_separates_the_variants_from_the_noise():
-    # one prompt, K = 3 variants × G = 2 noises in Group order n = k·G + g; images are constants, so every
-    # difference is known: original noise 0 → 0.1, noise 1 → 0.5; variants add +0.02 and −0.04
-    variant, seed_idx = torch.arange(3).repeat_interleave(2), torch.arange(2).repeat(3)
-    base, shift = torch.tensor([0.1, 0.5]), torch.tensor([0.0, 0.02, -0.04])
-    images = (base[seed_idx] + shift[variant]).view(-1, 1, 1, 1).expand(-1, 3, 4, 4)
-    by_variant, by_noise = S.variant_spread(images, variant, seed_idx)
-    assert by_variant == pytest.approx(0.03) and by_noise == pytest.approx(0.4)
-    by_variant, by_noise = S.variant_spread(images[variant == 0][:1], variant[:1], seed_idx[:1])
-    assert math.isnan(by_variant) and math.isnan(by_noise)      # one image: nothing to compare
-
-
-def test_caller_autocast(tmp_path):
-    """The sampler runs inside the caller's autocast: float32 latents out, close to the float32 run."""
-    _tiny_pipeline(tmp_path)
-    mmdit = model.load_mmdit(tmp_path / "transformer")
-    g = torch.Generator().manual_seed(1)
-    pert = SimpleNamespace(context=torch.randn(1, 2, 5, 32, generator=g), pooled=torch.randn(1, 2, 24, generator=g))
-    kw = dict(num_steps=3, latent_size=(8, 8), adapter=None)
-    ref = S.sample_groups(mmdit, None, pert, 2, generator=torch.Generator().manual_seed(0), **kw).latents
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = S.sample_groups(mmdit, None, pert, 2, generator=torch.Generator().manual_seed(0), **kw).latents
-    assert low.dtype == torch.float32 and not torch.equal(low, ref)
-    assert (low - ref).abs().max() < 0.05 * ref.abs().max()
-
-
 # ==============================================================================================================
 # reward.py: GenEval scoring, reward models, combination, threads
 # ==============================================================================================================
@@ -1307,7 +1293,7 @@ def det(label, score=0.95, box=(0, 0, 10, 10), color=None):
     return Detection(label, score, box, None, color)
 
 
-def test_single_object():
+def test_reward_geneval_single_object():
     meta = {"tag": "single_object", "include": [{"class": "bowl", "count": 1}], "prompt": "a photo of a bowl"}
     assert geneval_score([det("bowl", 0.8)], meta) == (1.0, True)
     assert geneval_score([], meta) == (0.0, False)                       # count term 1 - 1/1
@@ -1317,7 +1303,7 @@ def test_single_object():
     assert geneval_score([det("bowl", 0.8), det("bowl", 0.5)], meta) == (0.0, True)
 
 
-def test_two_object():
+def test_reward_geneval_two_object():
     meta = {"tag": "two_object", "include": [{"class": "bowl", "count": 1}, {"class": "skis", "count": 1}]}
     assert geneval_score([det("bowl"), det("skis", 0.4)], meta) == (1.0, True)
     assert geneval_score([det("bowl")], meta) == (0.5, False)            # terms [1, 0]
@@ -1325,7 +1311,7 @@ def test_two_object():
     assert (p, s) == (0.5, True)
 
 
-def test_counting_and_exclude():
+def test_reward_geneval_counting_and_exclude():
     meta = {"tag": "counting", "include": [{"class": "wine glass", "count": 2}],
             "exclude": [{"class": "wine glass", "count": 3}]}
     g = lambda *scores: [det("wine glass", s) for s in scores]
@@ -1340,7 +1326,7 @@ def test_counting_and_exclude():
     assert geneval_score([det("bowl"), det("cup", 0.2)], meta2) == (1.0, True)
 
 
-def test_colors_and_classifier_calls():
+def test_reward_geneval_colors_and_classifier_calls():
     meta = {"tag": "colors", "include": [{"class": "cup", "count": 1, "color": "purple"}]}
     assert geneval_score([det("cup", color="purple")], meta) == (1.0, True)
     assert geneval_score([det("cup", color="red")], meta) == (0.5, False)    # terms [1, 1 - 1/1]
@@ -1357,7 +1343,7 @@ def test_colors_and_classifier_calls():
         geneval_score([det("cup")], meta)
 
 
-def test_color_attr():
+def test_reward_geneval_color_attr():
     meta = {"tag": "color_attr", "include": [{"class": "handbag", "count": 1, "color": "pink"},
                                               {"class": "scissors", "count": 1, "color": "black"}]}
     assert geneval_score([det("handbag", color="pink"), det("scissors", color="black")], meta) == (1.0, True)
@@ -1365,7 +1351,7 @@ def test_color_attr():
     assert geneval_score([det("handbag", color="pink")], meta) == (0.5, False)     # terms [1, 1, 0, 0]
 
 
-def test_position_and_relative_position():
+def test_reward_geneval_position_and_relative_position():
     meta = {"tag": "position", "include": [{"class": "laptop", "count": 1},
                                            {"class": "cow", "count": 1, "position": ["right of", 0]}]}
     laptop = det("laptop", box=(0, 0, 100, 100))
@@ -1381,7 +1367,7 @@ def test_position_and_relative_position():
     assert reward.relative_position((0, 0, 10, 10), (300, 50, 310, 60)) == {"left of"}   # dy = 44/304 < 0.5
 
 
-def test_metadata_errors():
+def test_reward_geneval_metadata_errors():
     with pytest.raises(ValueError, match="include"):
         geneval_score([], {"tag": "single_object"})
     with pytest.raises(ValueError, match="colour"):
@@ -1393,33 +1379,25 @@ def test_metadata_errors():
                                                            {"class": "dog", "count": 1, "position": ["near", 0]}]})
 
 
+def test_reward_soft_geneval_grades_confidence():
+    """soft_geneval_score = the partial score averaged over thresholds 0, 0.1, ..., 0.9: a detection counts at
+    the thresholds below its score. Hand-computed values."""
+    meta = {"tag": "single_object", "include": [{"class": "circle", "count": 1}]}
+    assert reward.soft_geneval_score([det("circle", 1.0)], meta) == 1.0          # confident: the partial score
+    assert reward.soft_geneval_score([det("circle", 0.55)], meta) == pytest.approx(0.6)   # counted at 0 .. 0.5
+    assert reward.soft_geneval_score([det("square", 1.0)], meta) == 0.0
+    two = {"tag": "two_object", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1}]}
+    # circle counted at all 10 thresholds (term 1), square at 0 .. 0.2 (3 of 10): mean of (1 + 1)/2 and (1 + 0)/2
+    assert reward.soft_geneval_score([det("circle", 0.95), det("square", 0.25)], two) == pytest.approx(
+        (3 * 1.0 + 7 * 0.5) / 10)
+    # the threshold override: a 0.5 count passes 0.3 but not GenEval's counting threshold 0.9
+    count = {"tag": "counting", "include": [{"class": "circle", "count": 2}]}
+    dets = [det("circle", 0.95), det("circle", 0.5)]
+    assert geneval_score(dets, count) == (0.5, False)
+    assert geneval_score(dets, count, threshold=0.3) == (1.0, True)
+
+
 # ------------------------------------------------------------------------------------- tiny models
-def _bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def _save_tokenizer(d):
-    """Character-level CLIP BPE tokenizer (no merges): 512 byte tokens + bos 512 + eos/pad 513."""
-    from transformers import CLIPTokenizer
-    chars = _bytes_to_unicode()
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    with open(os.path.join(d, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(d, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt")).save_pretrained(d)
-    with open(os.path.join(d, "preprocessor_config.json"), "w") as f:
-        json.dump({"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32},
-                   "image_mean": list(reward.OPENAI_CLIP_MEAN), "image_std": list(reward.OPENAI_CLIP_STD)}, f)
-
-
 def _tiny_clip_config():
     from transformers import CLIPConfig
     return CLIPConfig(
@@ -1441,18 +1419,18 @@ def _tiny_m2f_config():
                              label2id={v: k for k, v in labels.items()})
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def build_reward_models(root):
     """paths dict with tiny random models of every family, saved like the real downloads."""
     from transformers import CLIPModel
-    from safetensors.torch import save_file
-    root = tmp_path_factory.mktemp("rewards")
     torch.manual_seed(0)
     paths = {}
     for key in ("clip_l", "pickscore"):
         d = str(root / key)
         CLIPModel(_tiny_clip_config()).save_pretrained(d)
-        _save_tokenizer(d)
+        build_clip_tokenizer(d, words=())      # byte-level, no merges: 512 byte tokens + bos 512 + eos/pad 513
+        with open(os.path.join(d, "preprocessor_config.json"), "w") as f:
+            json.dump({"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32},
+                       "image_mean": list(reward.OPENAI_CLIP_MEAN), "image_std": list(reward.OPENAI_CLIP_STD)}, f)
         paths[key] = d
     paths["pickscore_processor"] = paths["pickscore"]
     mlp = reward.AestheticMLP(16)
@@ -1471,8 +1449,7 @@ def tiny(tmp_path_factory):
         json.dump({"size": {"shortest_edge": 64, "longest_edge": 128}, "size_divisor": 32,
                    "image_mean": list(reward.IMAGENET_MEAN), "image_std": list(reward.IMAGENET_STD)}, f)
     paths["mask2former"] = d
-    yield paths
-    reward.clear_cache()
+    return paths
 
 
 def _half():
@@ -1501,9 +1478,9 @@ def _images(seed=0, b=3, h=48, w=64):
 
 @pytest.mark.parametrize("name", ["pickscore", "clipscore", "aesthetic", "hpsv2", "geneval"])
 @pytest.mark.parametrize("half", [False, True])
-def test_model_rewards_finite(tiny, name, half):
+def test_reward_every_family_is_finite(tiny_rewards, name, half):
     dtype = _half() if half else torch.float32
-    out = reward.build(name, tiny, dtype=dtype)(_images(), PROMPTS, META)
+    out = reward.build(name, tiny_rewards, dtype=dtype)(_images(), PROMPTS, META)
     assert out[name].shape == (3,) and out[name].dtype == torch.float32
     assert torch.isfinite(out[name]).all()
     assert torch.equal(out["avg"], out[name])
@@ -1511,24 +1488,24 @@ def test_model_rewards_finite(tiny, name, half):
         assert set(out["geneval_strict"].tolist()) <= {0.0, 1.0}
 
 
-def test_pickscore_and_clipscore_match_clipmodel(tiny):
+def test_reward_pickscore_and_clipscore_match_transformers_clip(tiny_rewards):
     from transformers import AutoTokenizer, CLIPModel
     images = _images()
-    out = reward.build({"pickscore": 1.0, "clipscore": 1.0}, tiny)(images, PROMPTS, None)
-    model = CLIPModel.from_pretrained(tiny["pickscore"]).eval()
-    tok = AutoTokenizer.from_pretrained(tiny["pickscore"])(PROMPTS, padding=True, return_tensors="pt")
+    out = reward.build({"pickscore": 1.0, "clipscore": 1.0}, tiny_rewards)(images, PROMPTS, None)
+    model = CLIPModel.from_pretrained(tiny_rewards["pickscore"]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_rewards["pickscore"])(PROMPTS, padding=True, return_tensors="pt")
     pix = reward.resize_crop_normalize(images, 32, (32, 32), reward.OPENAI_CLIP_MEAN, reward.OPENAI_CLIP_STD)
     with torch.no_grad():
         logits = model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], pixel_values=pix).logits_per_image
     torch.testing.assert_close(out["pickscore"] * reward.PICKSCORE_SCALE, logits.diagonal(), atol=1e-4, rtol=1e-4)
-    clip_l = CLIPModel.from_pretrained(tiny["clip_l"]).eval()
+    clip_l = CLIPModel.from_pretrained(tiny_rewards["clip_l"]).eval()
     with torch.no_grad():
         o = clip_l(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], pixel_values=pix)
     cos = F.cosine_similarity(o.image_embeds, o.text_embeds, dim=-1)
     torch.testing.assert_close(out["clipscore"], cos, atol=1e-5, rtol=1e-5)
 
 
-def test_preprocessing_shapes_and_values():
+def test_reward_preprocessing_shapes_and_values():
     x = torch.full((2, 3, 40, 80), 0.5)
     y = reward.resize_crop_normalize(x, 32, (32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert y.shape == (2, 3, 32, 32)
@@ -1538,7 +1515,7 @@ def test_preprocessing_shapes_and_values():
     assert abs(y.mean().item() - 0.5) < 0.02                                  # centre crop keeps the middle
 
 
-def test_preprocessing_matches_hf_clip_processor():
+def test_reward_preprocessing_matches_hf_clip_processor():
     """Our tensor resize/crop/normalise vs transformers' PIL CLIP processor (PIL rounds to uint8 after resizing)."""
     from PIL import Image
     try:                      # transformers >= 5.x names the PIL processor apart from the torchvision one
@@ -1555,12 +1532,12 @@ def test_preprocessing_matches_hf_clip_processor():
     assert (ours - ref).abs().max() < 0.05 and (ours - ref).abs().mean() < 0.01
 
 
-def test_aesthetic_matches_mlp(tiny):
+def test_reward_aesthetic_matches_mlp(tiny_rewards):
     from transformers import CLIPModel
     images = _images(1)
-    out = reward.build("aesthetic", tiny)(images, PROMPTS, None)
-    model = CLIPModel.from_pretrained(tiny["clip_l"]).eval()
-    mlp = reward.load_aesthetic_mlp(tiny["aesthetic"])
+    out = reward.build("aesthetic", tiny_rewards)(images, PROMPTS, None)
+    model = CLIPModel.from_pretrained(tiny_rewards["clip_l"]).eval()
+    mlp = reward.load_aesthetic_mlp(tiny_rewards["aesthetic"])
     pix = reward.resize_crop_normalize(images, 32, (32, 32), reward.OPENAI_CLIP_MEAN, reward.OPENAI_CLIP_STD)
     with torch.no_grad():
         e = F.normalize(model.visual_projection(model.vision_model(pixel_values=pix).pooler_output), dim=-1)
@@ -1622,7 +1599,7 @@ def _openclip_encode(sd, pixels, ids, heads):
     return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
 
 
-def test_openclip_converter_matches_reference():
+def test_reward_openclip_converter_matches_reference():
     from transformers import CLIPModel
     sd = _openclip_sd(1)
     hf_sd, config = reward.openclip_to_transformers(sd, vision_heads=2, text_heads=2)
@@ -1648,12 +1625,12 @@ def test_openclip_converter_matches_reference():
         reward.openclip_to_transformers({k: v for k, v in sd.items() if k != "ln_final.bias"})
 
 
-def test_hpsv2_reward_matches_openclip_reference(tiny):
+def test_reward_hpsv2_matches_openclip_reference(tiny_rewards):
     """The hpsv2 reward (checkpoint file converted on load) == cosine of an open_clip-style forward."""
     from transformers import AutoTokenizer
     images = _images(5)
-    out = reward.build("hpsv2", tiny)(images, PROMPTS)
-    ids = AutoTokenizer.from_pretrained(tiny["pickscore"])(PROMPTS, padding="max_length", max_length=CTX,
+    out = reward.build("hpsv2", tiny_rewards)(images, PROMPTS)
+    ids = AutoTokenizer.from_pretrained(tiny_rewards["pickscore"])(PROMPTS, padding="max_length", max_length=CTX,
                                                             return_tensors="pt")["input_ids"]
     pix = reward.resize_crop_normalize(images, 32, (32, 32), reward.OPENAI_CLIP_MEAN, reward.OPENAI_CLIP_STD)
     img, txt = _openclip_encode(_openclip_sd(), pix, ids, heads=1)   # heads default to width // 64 -> 1
@@ -1661,8 +1638,8 @@ def test_hpsv2_reward_matches_openclip_reference(tiny):
 
 
 # ------------------------------------------------------------------------------------- interface
-def test_geneval_pipeline_detects_and_classifies(tiny):
-    detector = reward.load_mask2former(tiny["mask2former"])
+def test_reward_geneval_pipeline_detects_and_classifies(tiny_rewards):
+    detector = reward.load_mask2former(tiny_rewards["mask2former"])
     images = _images(2)
     dets = detector(images)
     assert len(dets) == 3 and all(len(d) > 0 for d in dets)          # the biased head makes confident cups
@@ -1672,116 +1649,62 @@ def test_geneval_pipeline_detects_and_classifies(tiny):
         assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 48
         ys, xs = np.nonzero(d.mask)
         assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == d.box
-    clf = reward.ColorClassifier(reward.load_clip(tiny["clip_l"]))
+    clf = reward.ColorClassifier(reward.load_clip(tiny_rewards["clip_l"]))
     colors = clf(images[0], dets[0], "cup")
     assert len(colors) == len(dets[0]) and set(colors) <= set(reward.COLORS)
     # scores from the fn equal geneval_score on the same detections
-    out = reward.build("geneval", tiny)(images, PROMPTS, META)
+    out = reward.build("geneval", tiny_rewards)(images, PROMPTS, META)
     for b in range(3):
         p, s = geneval_score(dets[b], META[b], lambda ds, c, b=b: clf(images[b], ds, c))
         assert out["geneval"][b].item() == pytest.approx(p) and out["geneval_strict"][b].item() == float(s)
 
 
-def test_shapes_reward_uses_world_detector(monkeypatch):
-    """The world registers "shapes": GenEval's scoring rules around whatever world.detect finds."""
-    monkeypatch.setattr(world, "detect", lambda images: [[Detection("circle", 1.0, (0, 0, 5, 5), None, "red")]
-                                                         for _ in range(len(images))])
-    meta = [{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": c}]} for c in ("red", "blue")]
-    out = reward.build("shapes")(torch.rand(2, 3, 8, 8), ["a red circle", "a blue circle"], meta)
-    assert out["shapes"].tolist() == [1.0, 0.5] and out["shapes_strict"].tolist() == [1.0, 0.0]
-    with pytest.raises(ValueError, match="metadata"):
-        reward.build("shapes")(torch.rand(2, 3, 8, 8), ["a", "b"], None)
-
-
-def test_soft_geneval_grades_confidence():
-    """soft_geneval_score = the partial score averaged over thresholds 0, 0.1, ..., 0.9: a detection counts at
-    the thresholds below its score. Hand-computed values."""
-    meta = {"tag": "single_object", "include": [{"class": "circle", "count": 1}]}
-    assert reward.soft_geneval_score([det("circle", 1.0)], meta) == 1.0          # confident: the partial score
-    assert reward.soft_geneval_score([det("circle", 0.55)], meta) == pytest.approx(0.6)   # counted at 0 .. 0.5
-    assert reward.soft_geneval_score([det("square", 1.0)], meta) == 0.0
-    two = {"tag": "two_object", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1}]}
-    # circle counted at all 10 thresholds (term 1), square at 0 .. 0.2 (3 of 10): mean of (1 + 1)/2 and (1 + 0)/2
-    assert reward.soft_geneval_score([det("circle", 0.95), det("square", 0.25)], two) == pytest.approx(
-        (3 * 1.0 + 7 * 0.5) / 10)
-    # the threshold override: a 0.5 count passes 0.3 but not GenEval's counting threshold 0.9
-    count = {"tag": "counting", "include": [{"class": "circle", "count": 2}]}
-    dets = [det("circle", 0.95), det("circle", 0.5)]
-    assert geneval_score(dets, count) == (0.5, False)
-    assert geneval_score(dets, count, threshold=0.3) == (1.0, True)
-
-
-def test_shapes_soft_reward_matches_hard_on_renders():
-    """On the world's own clean renders every detection is confident, so the soft reward equals the partial one;
-    on noise-blurred renders confidences drop and the soft reward is the lower of the two."""
-    metas = world.load_prompts("test")[:8]
-    images = world.render_batch(metas, seed=1)
-    hard, soft = reward.build("shapes"), reward.build("shapes_soft")
-    prompts = [m["prompt"] for m in metas]
-    assert set(soft(images, prompts, metas)) == {"shapes_soft", "avg"}
-    assert torch.allclose(soft(images, prompts, metas)["shapes_soft"], hard(images, prompts, metas)["shapes"])
-    blurred = torch.nn.functional.avg_pool2d(images, 5, 1, 2)
-    assert soft(blurred, prompts, metas)["shapes_soft"].mean() < hard(images, prompts, metas)["shapes"].mean()
-
-
-def test_shapes_reward_on_rendered_world():
-    """The real shapes world: its own renders score 1; mismatched metadata scores lower."""
-    metas = world.load_prompts("test")[:12]
-    images = world.render_batch(metas, seed=0)
-    fn = reward.build("shapes")
-    good = fn(images, [m["prompt"] for m in metas], metas)
-    assert good["shapes_strict"].mean() >= 0.9 and good["shapes"].mean() >= 0.9
-    rolled = metas[1:] + metas[:1]
-    bad = fn(images, [m["prompt"] for m in rolled], rolled)
-    assert bad["shapes"].mean() < good["shapes"].mean()
-
-
-def test_weighted_combination(tiny):
+def test_reward_weighted_combination(tiny_rewards):
     images = _images(3)
-    out = reward.build({"clipscore": 2.0, "pickscore": -0.5, "aesthetic": 0.25}, tiny)(images, PROMPTS, None)
+    out = reward.build({"clipscore": 2.0, "pickscore": -0.5, "aesthetic": 0.25}, tiny_rewards)(images, PROMPTS, None)
     torch.testing.assert_close(out["avg"], 2 * out["clipscore"] - 0.5 * out["pickscore"] + 0.25 * out["aesthetic"])
-    single = reward.build("clipscore", tiny)(images, PROMPTS, None)
+    single = reward.build("clipscore", tiny_rewards)(images, PROMPTS, None)
     torch.testing.assert_close(single["clipscore"], out["clipscore"])
 
 
-def test_spec_and_path_errors(tiny, tmp_path):
+def test_reward_spec_and_path_errors(tiny_rewards, tmp_path):
     with pytest.raises(ValueError, match="unknown reward"):
-        reward.build("imagereward", tiny)
+        reward.build("imagereward", tiny_rewards)
     with pytest.raises(ValueError, match="finite number"):
-        reward.build({"clipscore": "1"}, tiny)
+        reward.build({"clipscore": "1"}, tiny_rewards)
     with pytest.raises(FileNotFoundError, match="yuvalkirstain/PickScore_v1"):
-        reward.build("pickscore", {"pickscore_processor": tiny["pickscore"]})
+        reward.build("pickscore", {"pickscore_processor": tiny_rewards["pickscore"]})
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        reward.build("aesthetic", dict(tiny, aesthetic=str(tmp_path / "nope.safetensors")))
+        reward.build("aesthetic", dict(tiny_rewards, aesthetic=str(tmp_path / "nope.safetensors")))
     with pytest.raises(FileNotFoundError, match="config.json"):
         reward.build("clipscore", {"clip_l": str(tmp_path)})
     with pytest.raises(FileNotFoundError, match="facebook/mask2former-swin-small-coco-instance"):
-        reward.build({"clipscore": 1.0, "geneval": 1.0}, {"clip_l": tiny["clip_l"]})
-    assert reward.check_paths({"hpsv2": 1.0, "shapes": 1.0}, tiny) == {"hpsv2": tiny["hpsv2"],
-                                                                       "hpsv2_processor": tiny["pickscore_processor"]}
+        reward.build({"clipscore": 1.0, "geneval": 1.0}, {"clip_l": tiny_rewards["clip_l"]})
+    assert reward.check_paths({"hpsv2": 1.0, "shapes": 1.0}, tiny_rewards) == {"hpsv2": tiny_rewards["hpsv2"],
+                                                                       "hpsv2_processor": tiny_rewards["pickscore_processor"]}
     with pytest.raises(FileNotFoundError, match="xswu/HPSv2"):
         reward.check_paths("hpsv2", {})
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
-        reward.build("pickscore", {"pickscore": tiny["pickscore"], "pickscore_processor": str(tmp_path)})
+        reward.build("pickscore", {"pickscore": tiny_rewards["pickscore"], "pickscore_processor": str(tmp_path)})
     # shortcuts: the PickScore folder holding its tokenizer; one folder per reward with sub-folders by key
     images = _images(4)
-    torch.testing.assert_close(reward.build("pickscore", {"pickscore": tiny["pickscore"]})(images, PROMPTS)["pickscore"],
-                               reward.build("pickscore", tiny)(images, PROMPTS)["pickscore"])
+    torch.testing.assert_close(reward.build("pickscore", {"pickscore": tiny_rewards["pickscore"]})(images, PROMPTS)["pickscore"],
+                               reward.build("pickscore", tiny_rewards)(images, PROMPTS)["pickscore"])
     root = tmp_path / "geneval"
     root.mkdir()
-    os.symlink(tiny["mask2former"], root / "mask2former")
-    os.symlink(tiny["clip_l"], root / "clip_l")
+    os.symlink(tiny_rewards["mask2former"], root / "mask2former")
+    os.symlink(tiny_rewards["clip_l"], root / "clip_l")
     torch.testing.assert_close(reward.build("geneval", {"geneval": str(root)})(images, PROMPTS, META)["geneval"],
-                               reward.build("geneval", tiny)(images, PROMPTS, META)["geneval"])
-    fn = reward.build("clipscore", tiny)
+                               reward.build("geneval", tiny_rewards)(images, PROMPTS, META)["geneval"])
+    fn = reward.build("clipscore", tiny_rewards)
     with pytest.raises(ValueError, match="prompts"):
         fn(_images(), PROMPTS[:2], None)
     with pytest.raises(ValueError, match=r"\(B,3,H,W\)"):
         fn(torch.rand(3, 32, 32), PROMPTS, None)
 
 
-def test_thread_safety(tiny):
-    fn = reward.build({"pickscore": 1.0, "clipscore": 1.0, "geneval": 1.0}, tiny)
+def test_reward_thread_safety(tiny_rewards):
+    fn = reward.build({"pickscore": 1.0, "clipscore": 1.0, "geneval": 1.0}, tiny_rewards)
     batches = [(_images(10 + i), PROMPTS, META) for i in range(4)]
     serial = [fn(*b) for b in batches]
     barrier = threading.Barrier(4)
@@ -1799,7 +1722,7 @@ def test_thread_safety(tiny):
 
 
 # ==============================================================================================================
-# data/shapes: renderer, prompts, detector, tokenizer
+# data/shapes/world.py: renderer, prompts, detector, its shapes rewards, tokenizer
 # ==============================================================================================================
 
 N_IMAGES = 480          # renders scored by the detector accuracy test (all six tags, many seeds)
@@ -1836,7 +1759,7 @@ def center(box):
 
 
 # ----------------------------------------------------------------------------- renderer
-def test_render_is_deterministic_and_batched():
+def test_world_render_is_deterministic_and_batched():
     metas = sample_metas(12)
     a = world.render_batch(metas, seed=3)
     b = world.render_batch(metas, seed=3)
@@ -1850,7 +1773,7 @@ def test_render_is_deterministic_and_batched():
     assert np.array_equal(img, world.render(metas[0], np.random.default_rng(0), size=96))
 
 
-def test_render_honours_metadata():
+def test_world_render_honours_metadata():
     rng = np.random.default_rng(1)
     for meta in world.make_prompts()[::3]:
         _, objs = world.render_objects(meta, rng)
@@ -1867,7 +1790,7 @@ def test_render_honours_metadata():
             assert rel in relative_position(objs[1]["box"], objs[0]["box"]), meta["prompt"]
 
 
-def test_bad_metadata_is_a_clear_error():
+def test_world_bad_metadata_is_a_clear_error():
     with pytest.raises(ValueError, match="hexagon"):
         world.render({"include": [{"class": "hexagon", "count": 1}]}, np.random.default_rng(0))
     with pytest.raises(ValueError, match="pink"):
@@ -1877,7 +1800,7 @@ def test_bad_metadata_is_a_clear_error():
 
 
 # ----------------------------------------------------------------------------- prompts / split
-def test_prompts_split_disjoint_and_cover_all_tags(tmp_path):
+def test_world_prompts_split_disjoint_and_cover_all_tags(tmp_path):
     train, test = world.load_prompts("train"), world.load_prompts("test")
     ptrain, ptest = {r["prompt"] for r in train}, {r["prompt"] for r in test}
     assert len(ptrain) == len(train) and len(ptest) == len(test)      # no duplicates
@@ -1898,7 +1821,7 @@ def test_prompts_split_disjoint_and_cover_all_tags(tmp_path):
     assert "a photo of four crosses" in ptrain | ptest
 
 
-def test_metadata_format_matches_geneval():
+def test_world_metadata_format_matches_geneval():
     for r in world.make_prompts():
         assert set(r) <= {"tag", "include", "exclude", "prompt"}
         assert all(set(it) <= {"class", "count", "color", "position"} for it in r["include"])
@@ -1909,7 +1832,7 @@ def test_metadata_format_matches_geneval():
 
 
 # ----------------------------------------------------------------------------- detector
-def test_connected_components_matches_flood_fill():
+def test_world_connected_components_matches_flood_fill():
     rng = np.random.default_rng(0)
     for _ in range(5):
         mask = rng.random((23, 31)) < 0.55
@@ -1932,7 +1855,7 @@ def test_connected_components_matches_flood_fill():
         assert len(pairs) == n
 
 
-def test_detector_finds_rendered_objects():
+def test_world_detector_finds_rendered_objects():
     """Per-object accuracy: one detection at the object, right class and colour, score >= 0.9 (GenEval's
     counting threshold), box near the drawn box; and no extra detections."""
     rng = np.random.default_rng(7)
@@ -1959,7 +1882,7 @@ def test_detector_finds_rendered_objects():
     assert n_exact_images / N_IMAGES >= 0.97
 
 
-def test_detector_positions_follow_geneval_rule():
+def test_world_detector_positions_follow_geneval_rule():
     rng = np.random.default_rng(11)
     metas = [r for r in world.make_prompts() if r["tag"] == "position"]
     images = [world.render(m, rng) for m in metas]
@@ -1972,7 +1895,37 @@ def test_detector_positions_follow_geneval_rule():
     assert ok / len(metas) >= 0.95
 
 
-def test_geneval_score_strict_on_renders():
+def test_world_detector_confidence_reflects_clarity():
+    rng = np.random.default_rng(5)
+    metas = sample_metas(60, seed=5)
+    clean = [world.render(m, rng) for m in metas]
+    blurred = [np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(2.5))) for im in clean]
+    s_clean = np.mean([d.score for ds in world.detect(clean) for d in ds])
+    s_blur = np.mean([d.score for ds in world.detect(blurred) for d in ds])
+    assert s_clean > 0.95 and s_blur < 0.5
+    noise = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert all(d.score < 0.3 for ds in world.detect(noise) for d in ds)
+    assert world.detect(torch.full((2, 3, 64, 64), 0.95)) == [[], []]    # blank background
+    for ds in world.detect(clean[:10]):
+        assert all(0.0 <= d.score <= 1.0 for d in ds)
+
+
+def test_world_detector_input_formats_and_sizes():
+    metas = sample_metas(6, seed=2)
+    x = world.render_batch(metas, seed=2)
+    uint8 = [(im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for im in x]
+    for a, b in zip(world.detect(x), world.detect(uint8)):
+        assert [(d.label, d.color) for d in a] == [(d.label, d.color) for d in b]
+    big = world.render_batch(metas, seed=2, size=128)
+    for meta, ds in zip(metas, world.detect(big)):
+        want = Counter(it["class"] for it in meta["include"] for _ in range(it["count"]))
+        assert Counter(d.label for d in ds if d.score >= 0.9) == want
+    with pytest.raises(ValueError, match="shape"):
+        world.detect(np.zeros((2, 64, 64)))
+
+
+# ----------------------------------------------------------------------------- scoring renders: "shapes", "shapes_soft"
+def test_world_geneval_score_strict_on_renders():
     rng = np.random.default_rng(3)
     metas = sample_metas(120, seed=3)
     images = world.render_batch(metas, seed=rng)
@@ -1989,7 +1942,18 @@ def test_geneval_score_strict_on_renders():
     assert not any(reward.geneval_score(ds, m)[1] for ds, m in zip(dets, wrong))
 
 
-def test_shapes_reward_end_to_end():
+def test_world_shapes_scores_what_detect_finds(monkeypatch):
+    """The world registers "shapes": GenEval's scoring rules around whatever world.detect finds."""
+    monkeypatch.setattr(world, "detect", lambda images: [[Detection("circle", 1.0, (0, 0, 5, 5), None, "red")]
+                                                         for _ in range(len(images))])
+    meta = [{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": c}]} for c in ("red", "blue")]
+    out = reward.build("shapes")(torch.rand(2, 3, 8, 8), ["a red circle", "a blue circle"], meta)
+    assert out["shapes"].tolist() == [1.0, 0.5] and out["shapes_strict"].tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="metadata"):
+        reward.build("shapes")(torch.rand(2, 3, 8, 8), ["a", "b"], None)
+
+
+def test_world_shapes_end_to_end():
     """reward.build("shapes") on renders: right metadata scores ~1, metadata of other prompts scores lower."""
     fn = reward.build("shapes")
     metas = sample_metas(48, seed=9)
@@ -2002,38 +1966,34 @@ def test_shapes_reward_end_to_end():
     assert wrong["shapes_strict"].mean() <= 0.3 and wrong["avg"].mean() < right["avg"].mean() - 0.3
 
 
-def test_detector_confidence_reflects_clarity():
-    rng = np.random.default_rng(5)
-    metas = sample_metas(60, seed=5)
-    clean = [world.render(m, rng) for m in metas]
-    blurred = [np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(2.5))) for im in clean]
-    s_clean = np.mean([d.score for ds in world.detect(clean) for d in ds])
-    s_blur = np.mean([d.score for ds in world.detect(blurred) for d in ds])
-    assert s_clean > 0.95 and s_blur < 0.5
-    noise = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    assert all(d.score < 0.3 for ds in world.detect(noise) for d in ds)
-    assert world.detect(torch.full((2, 3, 64, 64), 0.95)) == [[], []]    # blank background
-    for ds in world.detect(clean[:10]):
-        assert all(0.0 <= d.score <= 1.0 for d in ds)
+def test_world_shapes_on_held_out_renders():
+    """The real shapes world: its own renders score 1; mismatched metadata scores lower."""
+    metas = world.load_prompts("test")[:12]
+    images = world.render_batch(metas, seed=0)
+    fn = reward.build("shapes")
+    good = fn(images, [m["prompt"] for m in metas], metas)
+    assert good["shapes_strict"].mean() >= 0.9 and good["shapes"].mean() >= 0.9
+    rolled = metas[1:] + metas[:1]
+    bad = fn(images, [m["prompt"] for m in rolled], rolled)
+    assert bad["shapes"].mean() < good["shapes"].mean()
 
 
-def test_detector_input_formats_and_sizes():
-    metas = sample_metas(6, seed=2)
-    x = world.render_batch(metas, seed=2)
-    uint8 = [(im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for im in x]
-    for a, b in zip(world.detect(x), world.detect(uint8)):
-        assert [(d.label, d.color) for d in a] == [(d.label, d.color) for d in b]
-    big = world.render_batch(metas, seed=2, size=128)
-    for meta, ds in zip(metas, world.detect(big)):
-        want = Counter(it["class"] for it in meta["include"] for _ in range(it["count"]))
-        assert Counter(d.label for d in ds if d.score >= 0.9) == want
-    with pytest.raises(ValueError, match="shape"):
-        world.detect(np.zeros((2, 64, 64)))
+def test_world_shapes_soft_matches_hard_on_renders():
+    """On the world's own clean renders every detection is confident, so the soft reward equals the partial one;
+    on noise-blurred renders confidences drop and the soft reward is the lower of the two."""
+    metas = world.load_prompts("test")[:8]
+    images = world.render_batch(metas, seed=1)
+    hard, soft = reward.build("shapes"), reward.build("shapes_soft")
+    prompts = [m["prompt"] for m in metas]
+    assert set(soft(images, prompts, metas)) == {"shapes_soft", "avg"}
+    assert torch.allclose(soft(images, prompts, metas)["shapes_soft"], hard(images, prompts, metas)["shapes"])
+    blurred = torch.nn.functional.avg_pool2d(images, 5, 1, 2)
+    assert soft(blurred, prompts, metas)["shapes_soft"].mean() < hard(images, prompts, metas)["shapes"].mean()
 
 
 # ----------------------------------------------------------------------------- tokenizer
 @pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
-def test_clip_tokenizer_round_trip(tmp_path, pad):
+def test_world_clip_tokenizer_round_trip(tmp_path, pad):
     from transformers import CLIPTokenizer, CLIPTokenizerFast
     world.write_clip_tokenizer(tmp_path, pad_token=pad)
     for cls in (CLIPTokenizer, CLIPTokenizerFast):
@@ -2055,12 +2015,13 @@ def test_clip_tokenizer_round_trip(tmp_path, pad):
 
 
 # ==============================================================================================================
-# train.py: NFT loss, advantages, config, checkpoints, end-to-end runs, DDP
+# train.py (+ configurator.py): NFT loss, advantages, config, checkpoints, end-to-end runs, DDP
 # ==============================================================================================================
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
+# ------------------------------------------------------------------------------------- pieces
 def reference_nft_loss(v_theta, v_old, v_ref, x_sigma, x0, sigma, r, beta, a_max, kl_beta):
     """Sample by sample, term by term, in float64, as DESIGN.md writes it."""
     total, n = 0.0, v_theta.shape[0]
@@ -2090,7 +2051,7 @@ def fixed_tensors(seed=0, B=3):
 
 
 @pytest.mark.parametrize("beta,kl_beta", [(1.0, 1e-4), (0.1, 0.0), (0.5, 0.3)])
-def test_nft_loss_matches_design_transcription(beta, kl_beta):
+def test_train_nft_loss_matches_design_transcription(beta, kl_beta):
     v_theta, v_old, v_ref, x_sigma, x0, sigma, r = fixed_tensors()
     a = v_theta.double().clone().requires_grad_(True)
     b = v_theta.clone().requires_grad_(True)
@@ -2104,7 +2065,7 @@ def test_nft_loss_matches_design_transcription(beta, kl_beta):
     assert torch.allclose(terms["kl"].double(), ((a - v_ref.double()) ** 2).mean(), rtol=1e-5)
 
 
-def test_nft_loss_properties():
+def test_train_nft_loss_properties():
     v_theta, v_old, v_ref, x_sigma, x0, sigma, r = fixed_tensors()
     # v_θ = v_old: x⁺ = x⁻, so the loss no longer depends on r
     l1, _ = train.nft_loss(v_old, v_old, v_ref, x_sigma, x0, sigma, torch.zeros(3), 1.0, 5.0, 0.0)
@@ -2123,7 +2084,7 @@ def test_nft_loss_properties():
     assert err(v.detach() - 1e-2 * v.grad) > err(v.detach())
 
 
-def test_advantages_global_and_per_group_std():
+def test_train_advantages_global_and_per_group_std():
     rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 14.0])
     groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     adv_g, r_g = train.compute_advantages(rewards, groups, global_std=True, adv_clip_max=5.0)
@@ -2143,13 +2104,13 @@ def test_advantages_global_and_per_group_std():
     assert adv_c.max() == 2.0 and r_c.max() == 1.0 and r_c.min() >= 0
 
 
-def test_group_stats():
+def test_train_group_stats():
     rewards = torch.tensor([1.0, 1.0, 0.0, 2.0])
     std, zero = train.group_stats(rewards, torch.tensor([0, 0, 1, 1]))
     assert zero == 0.5 and math.isclose(std, 0.5)
 
 
-def test_decay_schedules():
+def test_train_decay_schedules():
     assert train.old_decay(0, 1) == 0.0
     assert math.isclose(train.old_decay(100, 1), 0.1) and train.old_decay(10_000, 1) == 0.5
     assert train.old_decay(74, 2) == 0.0 and train.old_decay(75, 2) == 0.0
@@ -2161,14 +2122,49 @@ def test_decay_schedules():
     assert torch.allclose(a[0], torch.full((3,), 0.25))
 
 
-def test_keyed_randomness_and_prompt_order():
+def test_train_keyed_randomness_and_prompt_order():
     assert train.keyed_seed(42, 3, "nft", 7) == train.keyed_seed(42, 3, "nft", 7) != train.keyed_seed(42, 3, "nft", 8)
     cfg = train.SimpleNamespace(train_items=[{"prompt": str(i)} for i in range(10)], prompts_per_step=4, seed=1)
     seen = sum((train.prompts_for_step(cfg, s) for s in range(5)), [])   # 20 draws = two epochs
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
 
 
-def test_configurator_file_and_overrides(tmp_path):
+def test_train_atomic_checkpoint_round_trip(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    state = {"step": 3, "config": {"enc": ("clip_l",), "paths": {}}, "adapters": {"policy": {"a.lora_A": torch.randn(2, 3)}},
+             "rng": [train.rng_state()]}
+    train.atomic_save(state, path)
+    assert not os.path.exists(path + ".tmp")
+    back = train.load_checkpoint(path)
+    assert back["step"] == 3 and back["config"] == state["config"]
+    assert torch.equal(back["adapters"]["policy"]["a.lora_A"], state["adapters"]["policy"]["a.lora_A"])
+    # RNG state restores exactly
+    import random
+    import numpy as np
+    train.set_rng_state(back["rng"][0])
+    draws = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    train.set_rng_state(back["rng"][0])
+    assert draws == (random.random(), float(np.random.rand()), torch.rand(1).item())
+    # a failed write leaves the previous checkpoint intact
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+    with pytest.raises(Exception):
+        train.atomic_save({"x": Boom()}, path)
+    assert train.load_checkpoint(path)["step"] == 3
+
+
+def test_train_plot_and_grid(tmp_path):
+    from PIL import Image
+    rows = [{"step": s, "reward_mean": s * 0.1, "reward_std": 0.2, "zero_std_ratio": 0.0, "kl": 1e-4 * s} for s in range(5)]
+    train.plot_curves(rows, str(tmp_path / "c.png"))
+    assert Image.open(tmp_path / "c.png").size[0] > 0
+    S.save_grid(torch.rand(6, 3, 8, 8), str(tmp_path / "g" / "grid.png"), ncols=3)
+    assert Image.open(tmp_path / "g" / "grid.png").size == (24, 16)
+
+
+# ------------------------------------------------------------------------------------- config and validation
+def test_train_configurator_file_and_overrides(tmp_path):
     defaults = {"lr": 1e-3, "steps": 10, "name": "a", "flag": False, "enc": ("clip_l",), "paths": {}}
     f = tmp_path / "c.py"
     f.write_text("import math\nsteps = 20\nname = 'b'\n_private = 3\n")
@@ -2195,7 +2191,7 @@ def test_configurator_file_and_overrides(tmp_path):
         configurator.configure(defaults, ["nope.py"])
 
 
-def test_presets_apply_and_shapes_equals_defaults():
+def test_train_presets_apply_and_shapes_equals_defaults():
     defaults = train.config_defaults()
     assert configurator.configure(defaults, [os.path.join(REPO, "config", "shapes.py")]) == defaults
     expect = {"geneval_k12": (12, 4, 300), "geneval_k4": (4, 2, 850), "pickscore_k3": (3, 8, 750), "nft_baseline": (1, 24, None)}
@@ -2222,7 +2218,7 @@ def cfg_for(tmp_path, root, **over):
     return train.SimpleNamespace(**{**base, **over})
 
 
-@pytest.mark.parametrize("over,world,match", [
+BAD_SETTINGS = [   # (overrides, world size, the error's pattern)
     ({"prompts_per_step": 6}, 4, "not divisible by the world size 4"),
     ({"train_micro_batch": 3}, 1, "train_micro_batch=3 does not divide"),
     ({"rollout_micro_batch": 3}, 1, "rollout_micro_batch=3 does not divide"),
@@ -2248,20 +2244,24 @@ def cfg_for(tmp_path, root, **over):
     ({"rho": 1.5}, 1, "rho must be in"),
     ({"beta2": 1.0}, 1, "beta2 must be in"),
     ({"mmdit_dtype": "float16"}, 1, "mmdit_dtype='float16' needs autocast"),
-])
-def test_validation_rejects_bad_settings(tmp_path, tiny_root, over, world, match):
+]
+
+
+# numbered ids: the default ones spell the patterns out, and words like "reward" would leak into `-k reward`
+@pytest.mark.parametrize("over,world,match", BAD_SETTINGS, ids=[f"bad{i}" for i in range(len(BAD_SETTINGS))])
+def test_train_validation_rejects_bad_settings(tmp_path, tiny_root, over, world, match):
     with pytest.raises(ValueError, match=match):
         train.validate_config(cfg_for(tmp_path, tiny_root, **over), world)
 
 
-def test_validation_takes_micro_batches_larger_than_the_batch_as_one(tmp_path, tiny_root):
+def test_train_validation_takes_micro_batches_larger_than_the_batch_as_one(tmp_path, tiny_root):
     # 1 prompt × K·G = 8 samples: the default micro-batches (64) are one micro-batch, 3 does not divide 8
     train.validate_config(cfg_for(tmp_path, tiny_root, prompts_per_step=1), 1)
     with pytest.raises(ValueError, match="train_micro_batch=3 does not divide the 8 samples"):
         train.validate_config(cfg_for(tmp_path, tiny_root, prompts_per_step=1, train_micro_batch=3), 1)
 
 
-def test_validation_files(tmp_path, tiny_root):
+def test_train_validation_files(tmp_path, tiny_root):
     cfg = train.validate_config(cfg_for(tmp_path, tiny_root, resolution=0), 2)
     assert cfg.resolution == 64 and len(cfg.train_items) == 2       # native size read from transformer/config.json
     with pytest.raises(FileNotFoundError, match="weights"):
@@ -2285,7 +2285,7 @@ def test_validation_files(tmp_path, tiny_root):
     assert train.parse_reward_spec("geneval:0.7,pickscore") == {"geneval": 0.7, "pickscore": 1.0}
 
 
-def test_cli_rejects_before_loading(tmp_path):
+def test_train_cli_rejects_before_loading(tmp_path):
     """Unknown keys and impossible batches fail fast through the real entry point."""
     out = subprocess.run([sys.executable, "train.py", "--num_seedz=3"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode != 0 and "unknown config key 'num_seedz'" in out.stderr
@@ -2294,126 +2294,20 @@ def test_cli_rejects_before_loading(tmp_path):
     assert out.returncode != 0 and "does not exist" in out.stderr
 
 
-def test_atomic_checkpoint_round_trip(tmp_path):
-    path = str(tmp_path / "ckpt.pt")
-    state = {"step": 3, "config": {"enc": ("clip_l",), "paths": {}}, "adapters": {"policy": {"a.lora_A": torch.randn(2, 3)}},
-             "rng": [train.rng_state()]}
-    train.atomic_save(state, path)
-    assert not os.path.exists(path + ".tmp")
-    back = train.load_checkpoint(path)
-    assert back["step"] == 3 and back["config"] == state["config"]
-    assert torch.equal(back["adapters"]["policy"]["a.lora_A"], state["adapters"]["policy"]["a.lora_A"])
-    # RNG state restores exactly
-    import random
-    import numpy as np
-    train.set_rng_state(back["rng"][0])
-    draws = (random.random(), float(np.random.rand()), torch.rand(1).item())
-    train.set_rng_state(back["rng"][0])
-    assert draws == (random.random(), float(np.random.rand()), torch.rand(1).item())
-    # a failed write leaves the previous checkpoint intact
-    class Boom:
-        def __reduce__(self):
-            raise RuntimeError("boom")
-    with pytest.raises(Exception):
-        train.atomic_save({"x": Boom()}, path)
-    assert train.load_checkpoint(path)["step"] == 3
+def test_train_txt_prompts_fail_before_loading_when_the_score_needs_metadata(tiny_root, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a red circle\n")
+    with pytest.raises(ValueError, match="reward 'shapes_soft' scores GenEval metadata.*p.txt has none"):
+        train.validate_config(train.SimpleNamespace(**tiny_config(tiny_root, tmp_path / "o", train_prompts=str(prompts),
+                                                                  reward="shapes_soft", eval_reward="shapes")), 1)
 
 
-def test_plot_and_grid(tmp_path):
-    from PIL import Image
-    rows = [{"step": s, "reward_mean": s * 0.1, "reward_std": 0.2, "zero_std_ratio": 0.0, "kl": 1e-4 * s} for s in range(5)]
-    train.plot_curves(rows, str(tmp_path / "c.png"))
-    assert Image.open(tmp_path / "c.png").size[0] > 0
-    S.save_grid(torch.rand(6, 3, 8, 8), str(tmp_path / "g" / "grid.png"), ncols=3)
-    assert Image.open(tmp_path / "g" / "grid.png").size == (24, 16)
-
-
-def tiny_text_towers(root):
-    """Random CLIP-L/CLIP-G-shaped towers (widths 32/64, 77 positions) with the shapes world's tokenizers."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-    from data.shapes import world
-    for name, pad in (("tokenizer", world.EOS), ("tokenizer_2", "!")):
-        world.write_clip_tokenizer(root / name, pad_token=pad)
-    vocab = json.loads((root / "tokenizer" / "vocab.json").read_text())
-    towers = []
-    for width, heads in ((32, 1), (64, 2)):
-        cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
-                             num_hidden_layers=2, num_attention_heads=heads, projection_dim=width,
-                             max_position_embeddings=77, bos_token_id=vocab[world.BOS],
-                             eos_token_id=vocab[world.EOS], pad_token_id=1)
-        towers.append(CLIPTextModelWithProjection(cfg))
-    return towers
-
-
-def build_tiny_pipeline(root):
-    """Random MMDiT (2 blocks, width 64, dual attention in block 0), random 4-level VAE (32 channels) and the
-    shapes world's CLIP-shaped towers + tokenizers, written as a diffusers pipeline root (no training)."""
-    from pathlib import Path
-    import model
-    from data.shapes import pretrain
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    towers = tiny_text_towers(root)
-    pooled_dim = sum(t.config.projection_dim for t in towers)
-    dit = model.MMDiT(model.MMDiTConfig(hidden_size=64, depth=2, num_heads=1, context_dim=128,
-                                        pooled_dim=pooled_dim, pos_embed_max_size=8, qk_norm=True,
-                                        dual_attention_layers=(0,)))
-    with torch.no_grad():          # no zero-initialised layers: every path carries gradient
-        for p in dit.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
-        dit.pos_embed.copy_(torch.randn_like(dit.pos_embed) * 0.05)
-    vae = model.VAE(block_out_channels=(32, 32, 32, 32))
-    pretrain.save_pipeline(root, dit, vae, towers)
-    return str(root)
-
-
-def fake_reward_build(spec, paths=None, device="cpu", dtype=None):
-    """A stand-in for reward.build in the e2e tests: a random tiny model draws no shapes, so the shapes reward
-    is 0 everywhere, r = 1/2 and the NFT gradient vanishes. Redness − blueness varies continuously instead."""
-    def fn(images, prompts, metadata=None):
-        s = (images[:, 0] - images[:, 2]).mean((1, 2)).float()
-        return {"shapes": s, "avg": s}
-    return fn
-
-
-WRAPPER = """
-import json, os, sys
-sys.path.insert(0, {repo!r})
-import torch
-import reward, test_e2po, train
-reward.build = test_e2po.fake_reward_build
-if os.environ.get("INF_ON_RANK") == os.environ.get("RANK", "0"):    # this rank's first step gets an infinite loss
-    real, calls = train.nft_loss, []
-    def inf_first_step(*a, **k):
-        loss, terms = real(*a, **k)
-        calls.append(1)
-        return (loss * float("inf") if len(calls) == 1 else loss), terms
-    train.nft_loss = inf_first_step
-from configurator import configure
-run = train.train(configure(train.config_defaults(), sys.argv[1:]))
-import model
-torch.save([p.detach().clone() for p in model.lora_parameters(run.model, "policy")],
-           os.path.join(run.cfg.out_dir, f"rank{{run.world.rank}}_policy.pt"))
-if run.world.ddp:
-    torch.distributed.destroy_process_group()
-"""
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd3_tiny")
-
-
-@pytest.fixture
-def fake_reward(monkeypatch):
-    import reward
-    monkeypatch.setattr(reward, "build", fake_reward_build)
-
-
+# ------------------------------------------------------------------------------------- end-to-end runs
 def tiny_config(root, out_dir, **over):
-    """Everything small: 2 prompts × K=2 × G=2 per step, 3 rollout steps, 3 Δ steps, 64-px images."""
-    return {**train.config_defaults(), "weights": root, "out_dir": str(out_dir), "resolution": 64,
+    """Everything small: 2 prompts × K=2 × G=2 per step, 3 rollout steps, 3 Δ steps, 64-px images; trains and
+    evaluates on conftest's "redness" (a random tiny model draws no shapes: the shapes rewards would be 0)."""
+    return {**train.config_defaults(), "weights": root, "out_dir": str(out_dir), "reward": "redness",
+            "eval_reward": "redness", "resolution": 64,
             "prompts_per_step": 2, "num_variants": 2, "num_seeds": 2, "emb_steps": 3, "train_sample_steps": 3, "timestep_fraction": 0.99,
             "eval_sample_steps": 2, "eval_num_prompts": 2, "eval_every": 2, "save_every": 1, "log_images_every": 1,
             "rollout_micro_batch": 4, "train_micro_batch": 2, "lora_rank": 4, "lora_alpha": 8.0,
@@ -2424,7 +2318,7 @@ def adapters_of(out_dir):
     return train.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["adapters"]
 
 
-def test_e2e_two_iterations(tiny_root, tmp_path, fake_reward):
+def test_train_e2e_two_iterations(tiny_root, tmp_path):
     import model
     run = train.train(tiny_config(tiny_root, tmp_path))
     rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
@@ -2449,7 +2343,7 @@ def test_e2e_two_iterations(tiny_root, tmp_path, fake_reward):
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_eval_draws_the_same_noise_for_every_seed(tiny_root, tmp_path, fake_reward):
+def test_train_eval_draws_the_same_noise_for_every_seed(tiny_root, tmp_path):
     """Held-out scores are comparable across runs: the eval noise is keyed by (prompt, image), not by the seed.
     At init the policy LoRA is zero (B = 0), so two seeds must score the same; a third image per prompt
     adds draws, so the mean changes."""
@@ -2464,7 +2358,7 @@ def test_eval_draws_the_same_noise_for_every_seed(tiny_root, tmp_path, fake_rewa
     assert scores[1, 2] != scores[1, 3]
 
 
-def test_default_world_runs_from_the_shipped_model(tmp_path):
+def test_train_default_run_on_the_shipped_pipeline(tmp_path):
     """`python train.py` as shipped (the pretrained world in data/shapes/sd3_tiny, the real shapes reward),
     shrunk to two short iterations: the real loaders, Δ, rollouts, detector, update and outputs all run."""
     assert os.path.isfile(os.path.join(model.DEFAULT_WEIGHTS, "transformer", "config.json")), \
@@ -2481,7 +2375,7 @@ def test_default_world_runs_from_the_shipped_model(tmp_path):
         assert (tmp_path / f).is_file(), f
 
 
-def test_e2e_only_policy_gets_gradients(tiny_root, tmp_path, fake_reward):
+def test_train_e2e_only_policy_gets_gradients(tiny_root, tmp_path):
     import model
     cfg = train.validate_config(train.SimpleNamespace(**tiny_config(tiny_root, tmp_path, kl_beta=0.1)), 1)
     world = train.setup_distributed(cfg)
@@ -2512,7 +2406,7 @@ def test_e2e_only_policy_gets_gradients(tiny_root, tmp_path, fake_reward):
     run.executor.shutdown()
 
 
-def test_e2e_resume_2_plus_2_equals_4(tiny_root, tmp_path, fake_reward):
+def test_train_e2e_resume_2_plus_2_equals_4(tiny_root, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     train.train(tiny_config(tiny_root, straight, max_steps=4, eval_every=0, log_images_every=0))
     train.train(tiny_config(tiny_root, split, max_steps=2, eval_every=0, log_images_every=0))
@@ -2529,7 +2423,7 @@ def test_e2e_resume_2_plus_2_equals_4(tiny_root, tmp_path, fake_reward):
 
 
 @pytest.mark.parametrize("micro_batch", [4, 64])    # 64 > the 8 samples of the step: one micro-batch
-def test_e2e_k1_is_diffusionnft(tiny_root, tmp_path, fake_reward, micro_batch):
+def test_train_e2e_k1_is_diffusionnft(tiny_root, tmp_path, micro_batch):
     """K = 1: no Δ, every rollout conditions on C_orig, and one step equals a DiffusionNFT step written out
     here from the primitives (encode → sample → reward → advantages → NFT loss → AdamW)."""
     import model
@@ -2547,7 +2441,7 @@ def test_e2e_k1_is_diffusionnft(tiny_root, tmp_path, fake_reward, micro_batch):
     params = model.lora_parameters(dit, "policy")
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
-    fn = fake_reward_build("shapes")
+    fn = reward.build("redness")
     xs, rs, conds = [], [], []
     for slot, idx in enumerate(train.prompts_for_step(cfg, 0)):
         item = cfg.train_items[idx]
@@ -2591,7 +2485,140 @@ def test_e2e_k1_is_diffusionnft(tiny_root, tmp_path, fake_reward, micro_batch):
     assert moved > 0
 
 
-def test_e2e_ddp_two_processes_equal_one(tiny_root, tmp_path):
+def test_train_e2e_grad_checkpointing_same_step(tiny_root, tmp_path):
+    over = dict(max_steps=1, eval_every=0, log_images_every=0, adam_eps=1.0, learning_rate=1.0)
+    train.train(tiny_config(tiny_root, tmp_path / "plain", **over))
+    train.train(tiny_config(tiny_root, tmp_path / "ckpt", grad_checkpointing=True, **over))
+    a, b = adapters_of(tmp_path / "plain")["policy"], adapters_of(tmp_path / "ckpt")["policy"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_train_e2e_nonfinite_steps_skip_then_abort(tiny_root, tmp_path, monkeypatch):
+    import model
+    real = train.nft_loss
+    monkeypatch.setattr(train, "nft_loss", lambda *a, **k: (lambda l, t: (l * float("nan"), t))(*real(*a, **k)))
+    with pytest.raises(RuntimeError, match="2 consecutive steps had a non-finite"):
+        train.train(tiny_config(tiny_root, tmp_path, max_steps=3, eval_every=0, log_images_every=0,
+                                max_skipped_steps=1))
+    rows = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    assert rows and all(r["skipped"] for r in rows)
+    ad = adapters_of(tmp_path)["policy"]          # the step-1 checkpoint: the policy never moved
+    assert all(v.abs().sum() == 0 for k, v in ad.items() if k.endswith("lora_B"))
+
+
+def test_train_grad_clip_zero_disables_clipping(tiny_root, tmp_path):
+    """grad_clip = 0 means no clipping (nanoGPT): the step equals one with a bound no gradient reaches."""
+    over = dict(max_steps=1, eval_every=0, log_images_every=0, learning_rate=1.0)
+    train.train(tiny_config(tiny_root, tmp_path / "off", grad_clip=0.0, **over))
+    train.train(tiny_config(tiny_root, tmp_path / "huge", grad_clip=1e30, **over))
+    a, b = adapters_of(tmp_path / "off")["policy"], adapters_of(tmp_path / "huge")["policy"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith("lora_B"))
+
+
+def test_train_new_run_refuses_an_existing_runs_out_dir(tiny_root, tmp_path):
+    over = dict(max_steps=1, eval_every=0, log_images_every=0)
+    train.train(tiny_config(tiny_root, tmp_path, **over))
+    before = {f: (tmp_path / f).read_bytes() for f in train.RUN_FILES}
+    with pytest.raises(FileExistsError, match="--resume=True.*another --out_dir"):
+        train.train(tiny_config(tiny_root, tmp_path, **over))
+    out = subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path}", "--weights=/nonexistent"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "does not exist" in out.stderr
+    assert {f: (tmp_path / f).read_bytes() for f in train.RUN_FILES} == before     # nothing of the run changed
+
+
+def test_train_resume_applies_mutable_settings_and_refuses_the_rest(tiny_root, tmp_path, capsys):
+    over = dict(eval_every=0, log_images_every=0)
+    train.train(tiny_config(tiny_root, tmp_path, max_steps=1, **over))
+    ckpt_bytes = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"(?s)num_seeds: 2 in the checkpoint, 4 now.*seed: 42 in the checkpoint, 7"):
+        train.train(tiny_config(tiny_root, tmp_path, max_steps=2, resume=True, num_seeds=4, seed=7, **over))
+    assert (tmp_path / "ckpt.pt").read_bytes() == ckpt_bytes
+    capsys.readouterr()
+    train.train(tiny_config(tiny_root, tmp_path, max_steps=2, resume=True, learning_rate=0.1, **over))
+    assert "learning_rate 0.01 → 0.1" in capsys.readouterr().out
+    rows = train.read_log(str(tmp_path / "log.jsonl"))
+    assert [r["lr"] for r in rows] == [0.01, 0.1]                                   # the new lr is the one used
+    assert json.load(open(tmp_path / "config.json"))["learning_rate"] == 0.1
+    run = train.train(tiny_config(tiny_root, tmp_path, max_steps=3, resume=True, learning_rate=0.1, seed=7,
+                                  resume_override=True, **over))
+    assert run.cfg.seed == 7 and [r["step"] for r in train.read_log(str(tmp_path / "log.jsonl"))] == [1, 2, 3]
+
+
+def test_train_damaged_files_name_themselves(tiny_root, tmp_path, capsys):
+    over = dict(eval_every=0, log_images_every=0)
+    train.train(tiny_config(tiny_root, tmp_path, max_steps=2, **over))
+    log = tmp_path / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "rew')                  # killed while writing step 3's line
+    (tmp_path / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")          # ... and while saving its checkpoint
+    train.train(tiny_config(tiny_root, tmp_path, max_steps=3, resume=True, **over))
+    assert [r["step"] for r in train.read_log(str(log))] == [1, 2, 3] and not (tmp_path / "ckpt.pt.tmp").exists()
+    assert "partial last line" in capsys.readouterr().err
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])                            # a truncated copy
+    with pytest.raises(RuntimeError, match=f"cannot read the checkpoint {ckpt}"):
+        train.train(tiny_config(tiny_root, tmp_path, max_steps=4, resume=True, **over))
+    with pytest.raises(ValueError, match="log.jsonl:1: not a JSON line"):
+        log.write_text("garbage\n" + log.read_text())
+        train.read_log(str(log))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_train_mixed_precision_path_runs_on_cpu(tiny_root, tmp_path, monkeypatch, dtype):
+    """The GPU's path (autocast, GradScaler for float16, unscale before clip, the skip counter) on the CPU: the first
+    step's loss is made infinite, so float16 skips it and halves the scale; the second step trains."""
+    real, calls = train.nft_loss, []
+    def first_step_inf(*a, **k):
+        loss, terms = real(*a, **k)
+        calls.append(1)
+        return (loss * float("inf"), terms) if len(calls) <= 2 else (loss, terms)   # micro-steps of step 1
+    monkeypatch.setattr(train, "nft_loss", first_step_inf)
+    run = train.train(tiny_config(tiny_root, tmp_path, dtype=dtype, max_steps=2, eval_every=2, log_images_every=0,
+                                  train_micro_batch=4, timestep_fraction=0.67))
+    assert run.model.x_embedder.proj.weight.dtype == torch.float32          # float32 master weights
+    assert run.vae.dtype == torch.float32 if dtype == "float32" else run.vae.dtype == train.DTYPES[dtype]
+    rows = train.read_log(str(tmp_path / "log.jsonl"))
+    assert [r.get("skipped") for r in rows[1:]] == [True, False]
+    scaler = train.load_checkpoint(str(tmp_path / "ckpt.pt"))["scaler"]
+    if dtype == "float16":
+        assert run.scaler.is_enabled() and scaler["scale"] == 2.0 ** 16 / 2           # halved once, by the skip
+    else:
+        assert not run.scaler.is_enabled()
+    ad = adapters_of(tmp_path)["policy"]
+    assert all(torch.isfinite(v).all() for v in ad.values())
+    assert any(v.abs().sum() > 0 for k, v in ad.items() if k.endswith("lora_B"))       # step 2 trained
+    assert math.isfinite(rows[-1]["eval_reward"])
+
+
+# ------------------------------------------------------------------------------------- DDP
+# train.py as the DDP tests run it (one process, or one per rank under torch.distributed.run): the e2e tests' reward
+# "redness" registered by conftest (nothing of this module is imported), each rank's policy weights saved, and with
+# INF_ON_RANK=r an infinite loss on rank r's first step
+WRAPPER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import torch
+import train
+if os.environ.get("INF_ON_RANK") == os.environ.get("RANK", "0"):    # this rank's first step gets an infinite loss
+    real, calls = train.nft_loss, []
+    def inf_first_step(*a, **k):
+        loss, terms = real(*a, **k)
+        calls.append(1)
+        return (loss * float("inf") if len(calls) == 1 else loss), terms
+    train.nft_loss = inf_first_step
+from configurator import configure
+run = train.train(configure(train.config_defaults(),
+                            ["--reward=redness", "--eval_reward=redness", "--reward_module=conftest"] + sys.argv[1:]))
+import model
+torch.save([p.detach().clone() for p in model.lora_parameters(run.model, "policy")],
+           os.path.join(run.cfg.out_dir, f"rank{{run.world.rank}}_policy.pt"))
+if run.world.ddp:
+    torch.distributed.destroy_process_group()
+"""
+
+
+def test_train_e2e_ddp_two_processes_equal_one(tiny_root, tmp_path):
     wrapper = tmp_path / "run_train.py"
     wrapper.write_text(WRAPPER.format(repo=REPO))
     keys = ("weights", "resolution", "prompts_per_step", "num_variants", "num_seeds", "emb_steps", "train_sample_steps",
@@ -2628,7 +2655,7 @@ def test_e2e_ddp_two_processes_equal_one(tiny_root, tmp_path):
                 assert math.isclose(x[k], y[k], rel_tol=1e-4, abs_tol=1e-7), (k, x[k], y[k])
 
 
-def test_e2e_ddp_inf_on_one_rank_skips_the_step_on_every_rank(tiny_root, tmp_path):
+def test_train_e2e_ddp_inf_on_one_rank_skips_the_step_on_every_rank(tiny_root, tmp_path):
     """float16 + GradScaler across 2 processes: rank 1's first step is infinite. Gradients are all-reduced before
     unscale_, so rank 0 skips that step too (same weights on both ranks, the scale halved once)."""
     wrapper = tmp_path / "run_train.py"
@@ -2649,124 +2676,11 @@ def test_e2e_ddp_inf_on_one_rank_skips_the_step_on_every_rank(tiny_root, tmp_pat
     assert train.load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))["scaler"]["scale"] == 2.0 ** 15
 
 
-def test_e2e_grad_checkpointing_same_step(tiny_root, tmp_path, fake_reward):
-    over = dict(max_steps=1, eval_every=0, log_images_every=0, adam_eps=1.0, learning_rate=1.0)
-    train.train(tiny_config(tiny_root, tmp_path / "plain", **over))
-    train.train(tiny_config(tiny_root, tmp_path / "ckpt", grad_checkpointing=True, **over))
-    a, b = adapters_of(tmp_path / "plain")["policy"], adapters_of(tmp_path / "ckpt")["policy"]
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-
-
-def test_e2e_nonfinite_steps_skip_then_abort(tiny_root, tmp_path, fake_reward, monkeypatch):
-    import model
-    real = train.nft_loss
-    monkeypatch.setattr(train, "nft_loss", lambda *a, **k: (lambda l, t: (l * float("nan"), t))(*real(*a, **k)))
-    with pytest.raises(RuntimeError, match="2 consecutive steps had a non-finite"):
-        train.train(tiny_config(tiny_root, tmp_path, max_steps=3, eval_every=0, log_images_every=0,
-                                max_skipped_steps=1))
-    rows = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
-    assert rows and all(r["skipped"] for r in rows)
-    ad = adapters_of(tmp_path)["policy"]          # the step-1 checkpoint: the policy never moved
-    assert all(v.abs().sum() == 0 for k, v in ad.items() if k.endswith("lora_B"))
-
-
-def test_train_grad_clip_zero_disables_clipping(tiny_root, tmp_path, fake_reward):
-    """grad_clip = 0 means no clipping (nanoGPT): the step equals one with a bound no gradient reaches."""
-    over = dict(max_steps=1, eval_every=0, log_images_every=0, learning_rate=1.0)
-    train.train(tiny_config(tiny_root, tmp_path / "off", grad_clip=0.0, **over))
-    train.train(tiny_config(tiny_root, tmp_path / "huge", grad_clip=1e30, **over))
-    a, b = adapters_of(tmp_path / "off")["policy"], adapters_of(tmp_path / "huge")["policy"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith("lora_B"))
-
-
-def test_train_new_run_refuses_an_existing_runs_out_dir(tiny_root, tmp_path, fake_reward):
-    over = dict(max_steps=1, eval_every=0, log_images_every=0)
-    train.train(tiny_config(tiny_root, tmp_path, **over))
-    before = {f: (tmp_path / f).read_bytes() for f in train.RUN_FILES}
-    with pytest.raises(FileExistsError, match="--resume=True.*another --out_dir"):
-        train.train(tiny_config(tiny_root, tmp_path, **over))
-    out = subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path}", "--weights=/nonexistent"], cwd=REPO,
-                         capture_output=True, text=True)
-    assert out.returncode != 0 and "does not exist" in out.stderr
-    assert {f: (tmp_path / f).read_bytes() for f in train.RUN_FILES} == before     # nothing of the run changed
-
-
-def test_train_resume_applies_mutable_settings_and_refuses_the_rest(tiny_root, tmp_path, fake_reward, capsys):
-    over = dict(eval_every=0, log_images_every=0)
-    train.train(tiny_config(tiny_root, tmp_path, max_steps=1, **over))
-    ckpt_bytes = (tmp_path / "ckpt.pt").read_bytes()
-    with pytest.raises(ValueError, match=r"(?s)num_seeds: 2 in the checkpoint, 4 now.*seed: 42 in the checkpoint, 7"):
-        train.train(tiny_config(tiny_root, tmp_path, max_steps=2, resume=True, num_seeds=4, seed=7, **over))
-    assert (tmp_path / "ckpt.pt").read_bytes() == ckpt_bytes
-    capsys.readouterr()
-    train.train(tiny_config(tiny_root, tmp_path, max_steps=2, resume=True, learning_rate=0.1, **over))
-    assert "learning_rate 0.01 → 0.1" in capsys.readouterr().out
-    rows = train.read_log(str(tmp_path / "log.jsonl"))
-    assert [r["lr"] for r in rows] == [0.01, 0.1]                                   # the new lr is the one used
-    assert json.load(open(tmp_path / "config.json"))["learning_rate"] == 0.1
-    run = train.train(tiny_config(tiny_root, tmp_path, max_steps=3, resume=True, learning_rate=0.1, seed=7,
-                                  resume_override=True, **over))
-    assert run.cfg.seed == 7 and [r["step"] for r in train.read_log(str(tmp_path / "log.jsonl"))] == [1, 2, 3]
-
-
-def test_train_damaged_files_name_themselves(tiny_root, tmp_path, fake_reward, capsys):
-    over = dict(eval_every=0, log_images_every=0)
-    train.train(tiny_config(tiny_root, tmp_path, max_steps=2, **over))
-    log = tmp_path / "log.jsonl"
-    log.write_text(log.read_text() + '{"step": 3, "rew')                  # killed while writing step 3's line
-    (tmp_path / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")          # ... and while saving its checkpoint
-    train.train(tiny_config(tiny_root, tmp_path, max_steps=3, resume=True, **over))
-    assert [r["step"] for r in train.read_log(str(log))] == [1, 2, 3] and not (tmp_path / "ckpt.pt.tmp").exists()
-    assert "partial last line" in capsys.readouterr().err
-    ckpt = tmp_path / "ckpt.pt"
-    ckpt.write_bytes(ckpt.read_bytes()[:1000])                            # a truncated copy
-    with pytest.raises(RuntimeError, match=f"cannot read the checkpoint {ckpt}"):
-        train.train(tiny_config(tiny_root, tmp_path, max_steps=4, resume=True, **over))
-    with pytest.raises(ValueError, match="log.jsonl:1: not a JSON line"):
-        log.write_text("garbage\n" + log.read_text())
-        train.read_log(str(log))
-
-
-def test_train_txt_prompts_with_a_metadata_reward_fail_before_loading(tiny_root, tmp_path):
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a photo of a red circle\n")
-    with pytest.raises(ValueError, match="reward 'shapes_soft' scores GenEval metadata.*p.txt has none"):
-        train.validate_config(train.SimpleNamespace(**tiny_config(tiny_root, tmp_path / "o", train_prompts=str(prompts))), 1)
-
-
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_train_mixed_precision_path_runs_on_cpu(tiny_root, tmp_path, fake_reward, monkeypatch, dtype):
-    """The GPU's path (autocast, GradScaler for float16, unscale before clip, the skip counter) on the CPU: the first
-    step's loss is made infinite, so float16 skips it and halves the scale; the second step trains."""
-    real, calls = train.nft_loss, []
-    def first_step_inf(*a, **k):
-        loss, terms = real(*a, **k)
-        calls.append(1)
-        return (loss * float("inf"), terms) if len(calls) <= 2 else (loss, terms)   # micro-steps of step 1
-    monkeypatch.setattr(train, "nft_loss", first_step_inf)
-    run = train.train(tiny_config(tiny_root, tmp_path, dtype=dtype, max_steps=2, eval_every=2, log_images_every=0,
-                                  train_micro_batch=4, timestep_fraction=0.67))
-    assert run.model.x_embedder.proj.weight.dtype == torch.float32          # float32 master weights
-    assert run.vae.dtype == torch.float32 if dtype == "float32" else run.vae.dtype == train.DTYPES[dtype]
-    rows = train.read_log(str(tmp_path / "log.jsonl"))
-    assert [r.get("skipped") for r in rows[1:]] == [True, False]
-    scaler = train.load_checkpoint(str(tmp_path / "ckpt.pt"))["scaler"]
-    if dtype == "float16":
-        assert run.scaler.is_enabled() and scaler["scale"] == 2.0 ** 16 / 2           # halved once, by the skip
-    else:
-        assert not run.scaler.is_enabled()
-    ad = adapters_of(tmp_path)["policy"]
-    assert all(torch.isfinite(v).all() for v in ad.values())
-    assert any(v.abs().sum() > 0 for k, v in ad.items() if k.endswith("lora_B"))       # step 2 trained
-    assert math.isfinite(rows[-1]["eval_reward"])
-
-
 # ==============================================================================================================
 # bench.py: FLOP counter and one repeat of every row with its agreement checks
 # ==============================================================================================================
 
-def test_flop_count_matches_torch():
+def test_bench_flop_count_matches_torch():
     for cfg, latent, context in ((model.MMDiTConfig(**bench.TINY_MMDIT), 8, 24), (model.SD35_MEDIUM, 16, 77 + 256),
                                  (model.SD3_MEDIUM, 8, 20)):
         with torch.device("meta"):
@@ -2777,7 +2691,7 @@ def test_flop_count_matches_torch():
         assert bench.mmdit_flops(cfg, 2, latent, latent, context) == counter.get_total_flops()
 
 
-def test_compare_warms_up_and_alternates():
+def test_bench_timer_warms_up_and_alternates():
     calls = []
     ours, ref = (lambda: calls.append("o")), (lambda: calls.append("r"))
     t_ours, t_ref = bench.compare(ours, ref, repeats=4, warmup=2, device=torch.device("cpu"))
@@ -2785,7 +2699,7 @@ def test_compare_warms_up_and_alternates():
     assert t_ours >= 0 and t_ref >= 0
 
 
-def test_default_rows_agree_with_reference(tmp_path):
+def test_bench_default_rows_agree_with_reference(tmp_path):
     out = tmp_path / "bench.md"
     assert bench.main(["--rows", "forward,nft,rollout,vae", "--repeats", "1", "--batch", "2",
                        "--out", str(out)]) == 0
@@ -2798,7 +2712,11 @@ def test_default_rows_agree_with_reference(tmp_path):
     assert "- command: `python" in text and "- machine:" in text
 
 
-def test_shapes_compare_gives_every_method_the_same_budget_and_reports_seed_statistics(tmp_path):
+# ==============================================================================================================
+# data/shapes/compare.py: equal budgets, the seed statistics of its table
+# ==============================================================================================================
+
+def test_compare_gives_every_method_the_same_budget_and_reports_seed_statistics(tmp_path):
     from data.shapes import compare
     for k in (2, 4):
         for method in compare.METHODS:
