@@ -32,7 +32,7 @@ out when the PickScore folder also holds the CLIP-H tokenizer + preprocessor_con
 defaults to "pickscore_processor".
 Models run in fp16 on CUDA (dtype=None), fp32 on CPU.
 
-Tests: `python -m pytest -q test_e2po.py -k "reward or geneval"` (CPU, tiny random-init models of the real transformers classes).
+Tests: `python -m pytest -q test_e2po.py -k reward` (CPU, tiny random-init models of the real transformers classes).
 
 Threads: the returned fn may be called from a background thread while the main thread samples, and from
 several threads at once. Each loaded model (with its tokenizer) is cached once per (path, device, dtype)

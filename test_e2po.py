@@ -1293,6 +1293,16 @@ def det(label, score=0.95, box=(0, 0, 10, 10), color=None):
     return Detection(label, score, box, None, color)
 
 
+def test_reward_geneval_summary_averages_tags_not_images():
+    """GenEval's overall score is the mean of the per-tag accuracies: 3 counting images (1 right) and 1 position image
+    (right) give counting 1/3, position 1, overall 2/3 (the image mean would be 1/2)."""
+    out = reward.geneval_summary([1, 0, 0, 1], ["counting", "counting", "counting", "position"])
+    assert list(out) == ["counting", "position", "overall"]
+    assert out["counting"] == pytest.approx(1 / 3) and out["position"] == 1.0 and out["overall"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="3 scores for 2 tags"):
+        reward.geneval_summary([1, 0, 1], ["a", "b"])
+
+
 def test_reward_geneval_single_object():
     meta = {"tag": "single_object", "include": [{"class": "bowl", "count": 1}], "prompt": "a photo of a bowl"}
     assert geneval_score([det("bowl", 0.8)], meta) == (1.0, True)
@@ -2324,9 +2334,11 @@ def test_train_e2e_two_iterations(tiny_root, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2]
     for key in ("reward_mean", "reward_std", "zero_std_ratio", "loss", "policy_loss", "kl", "grad_norm", "lr",
-                "images_per_s", "time_delta", "time_rollout", "time_reward", "time_update", "mean_pairwise_cos"):
+                "images_per_s", "time_delta", "time_rollout", "time_reward", "time_update", "mean_pairwise_cos",
+                "variant_spread", "noise_spread", "variant_noise_ratio"):
         assert key in rows[1] and math.isfinite(rows[1][key]), key
     assert rows[1]["reward_std"] > 0 and rows[1]["grad_norm"] > 0 and rows[2]["kl"] > 0
+    assert rows[1]["variant_noise_ratio"] == pytest.approx(rows[1]["variant_spread"] / rows[1]["noise_spread"])
     assert "eval_reward" in rows[0] and "eval_reward" in rows[2]
     for f in ("config.json", "ckpt.pt", "lora_policy.safetensors", "lora_ema.safetensors", "curves.png",
               "samples/before.png", "samples/after.png", "groups/step_000001.png"):
@@ -2371,6 +2383,10 @@ def test_train_default_run_on_the_shipped_pipeline(tmp_path):
         assert math.isfinite(rows[1][key]), key
     assert 0 <= rows[1]["reward_mean"] <= 1 and 0 <= rows[1]["zero_std_ratio"] <= 1
     assert 0 <= rows[2]["eval_reward"] <= 1 and 0 <= rows[2]["eval_shapes_strict"] <= 1
+    tags = {json.loads(line)["tag"] for line in list(open(os.path.join(REPO, "data", "shapes", "test.jsonl")))[:4]}
+    per_tag = [rows[2][f"eval_shapes_strict_{t}"] for t in tags]        # GenEval's report: per tag, then their mean
+    assert rows[2]["eval_shapes_strict"] == pytest.approx(float(np.mean(per_tag)))
+    assert rows[1]["variant_noise_ratio"] >= 0 and rows[1]["noise_spread"] > 0
     for f in ("ckpt.pt", "lora_policy.safetensors", "curves.png", "samples/before.png", "samples/after.png"):
         assert (tmp_path / f).is_file(), f
 
