@@ -1206,14 +1206,18 @@ def register(name: str, factory: Callable, paths=(), needs_metadata: bool = Fals
         DETECTORS[name], DETECTOR_PATHS[name] = detector, list(paths)
 
 
-def build_detector(name: str, paths: dict | None = None, device="cpu", dtype=None) -> Callable:
-    """detect(images, prompts) -> list[list[Detection]] of a detector in DETECTORS; its paths are checked first."""
+def check_detector(name: str, paths: dict | None = None) -> None:
+    """ValueError for an unknown detector, FileNotFoundError (naming files and repo id) for a missing path; loads nothing."""
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; choose from {sorted(DETECTORS)}")
-    paths = dict(paths or {})
     for key in DETECTOR_PATHS[name]:
-        _need_path(paths, key, name)
-    return DETECTORS[name](paths, device, dtype)
+        _need_path(dict(paths or {}), key, name)
+
+
+def build_detector(name: str, paths: dict | None = None, device="cpu", dtype=None) -> Callable:
+    """detect(images, prompts) -> list[list[Detection]] of a detector in DETECTORS; its paths are checked first."""
+    check_detector(name, paths)
+    return DETECTORS[name](dict(paths or {}), device, dtype)
 
 
 def parse_spec(spec) -> dict[str, float]:
