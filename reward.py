@@ -625,7 +625,8 @@ class ImageRewardModel(nn.Module):
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
                                  encoder_attention_mask=image_mask).last_hidden_state
-        return imagereward_normalise(self.mlp(text[:, 0].float()).squeeze(-1))
+        cls = text[:, 0].to(self.mlp.layers[0].weight.dtype)   # float32 after load_imagereward, as the reference
+        return imagereward_normalise(self.mlp(cls).float().squeeze(-1))
 
 
 def imagereward_normalise(raw: torch.Tensor) -> torch.Tensor:
@@ -687,7 +688,8 @@ def imagereward_to_transformers(sd: dict, med_config: dict, vision_heads: int | 
         num_attention_heads=med_config["num_attention_heads"],
         max_position_embeddings=med_config["max_position_embeddings"], hidden_act=med_config.get("hidden_act", "gelu"),
         layer_norm_eps=med_config.get("layer_norm_eps", 1e-12), pad_token_id=med_config.get("pad_token_id", 0),
-        encoder_hidden_size=width, is_decoder=True)   # is_decoder: BlipTextLayer builds its cross-attention only then
+        encoder_hidden_size=width, is_decoder=True,   # is_decoder: BlipTextLayer builds its cross-attention only then
+        bos_token_id=None, eos_token_id=None, sep_token_id=None)   # no generation; BLIP's ids would not fit a tiny vocab
     return out, vision, text
 
 
