@@ -3147,3 +3147,113 @@ def test_reward_image_reward_matches_the_image_reward_package(tiny_imagereward, 
     loaded = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1).float() / 255 for f in files])
     out = reward.build("image_reward", {"image_reward": tiny_imagereward}, dtype=torch.float32)(loaded, prompts)
     torch.testing.assert_close(out["image_reward"], torch.tensor(expected), atol=2e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- evaluate.py end to end
+@pytest.fixture(scope="module")
+def two_step_world_run(tmp_path_factory):
+    """train.py on the shipped world for two steps, evaluating 3 held-out prompts × 2 images (4 Euler steps) before
+    and after; its EMA LoRA is what evaluate.py gets."""
+    out = tmp_path_factory.mktemp("world_run")
+    train.train(dict(out_dir=str(out), max_steps=2, prompts_per_step=2, emb_steps=5, eval_every=2, eval_num_prompts=3,
+                     eval_num_images=2, eval_sample_steps=4, log_images_every=0, save_every=0))
+    return out, [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+def test_evaluate_end_to_end_on_the_world_equals_train_evaluations(two_step_world_run, tmp_path, capsys):
+    """`python evaluate.py --lora run/lora_ema.safetensors` on the shipped world: the base row's GenEval equals
+    train.py's step-0 evaluation and the LoRA row's equals its final (EMA) evaluation, per tag and overall, because
+    both draw the noise keyed by (prompt, image); the files, the table and the diversity columns are there."""
+    run, log = two_step_world_run
+    rows = EV.main(["--lora", f"e2po={run / 'lora_ema.safetensors'}", "--num_prompts", "3", "--num_images", "2",
+                    "--steps", "4", "--out", str(tmp_path)])
+    assert [r["name"] for r in rows] == ["base", "e2po"]
+    for row, logged in zip(rows, (log[0], log[-1])):
+        strict = row["geneval"]["strict"]
+        assert strict["overall"] == logged["eval_shapes_strict"]
+        for tag, value in strict.items():
+            if tag != "overall":
+                assert value == logged[f"eval_shapes_strict_{tag}"], tag
+        assert np.mean(row["per_prompt"]["geneval_partial"]) == pytest.approx(logged["eval_reward"], abs=1e-12)
+        assert 0 <= row["diversity"]["sdi"] <= 1 and row["diversity"]["pvs"] >= 0
+    for f in ("results.md", "results.json", "grid_base.png", "grid_e2po.png", "images/base/0/0.png",
+              "images/e2po/2/1.png"):
+        assert (tmp_path / f).is_file(), f
+    assert Image.open(tmp_path / "images/base/0/0.png").size == (64, 64)
+    assert Image.open(tmp_path / "grid_base.png").size == (2 * 64, 3 * 64)
+    text = (tmp_path / "results.md").read_text()
+    assert "| model | GenEval ↑ | SDI ↑ | PVS ↑ |" in text and "| e2po |" in text
+    assert "PickScore skipped" in text and "yuvalkirstain/PickScore_v1" in text and "IDS" in text
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"][1]["geneval"] == rows[1]["geneval"] and saved["settings"]["steps"] == 4
+    assert "| base |" in capsys.readouterr().out
+
+
+def test_evaluate_scores_available_rewards_and_clip_diversity(tiny, tmp_path):
+    """With reward paths, the reward and CLIP columns appear (tiny random CLIP/PickScore/aesthetic models); identical
+    images of one prompt would have CLIP sim 1; ocr_got is skipped for prompts without quotes; bad input fails before
+    any model loads."""
+    paths = tmp_path / "paths.json"
+    paths.write_text(json.dumps(tiny))
+    rows = EV.main(["--num_prompts", "2", "--num_images", "2", "--steps", "2", "--out", str(tmp_path / "o"),
+                    "--reward_paths", str(paths), "--rewards", "pickscore", "clipscore", "aesthetic", "ocr_got"])
+    r = rows[0]
+    assert set(r["rewards"]) == {"pickscore", "pickscore_raw", "clipscore", "aesthetic"}
+    assert r["rewards"]["pickscore_raw"] == pytest.approx(26 * r["rewards"]["pickscore"])
+    assert -1 <= r["diversity"]["clip_sim"] <= 1
+    text = (tmp_path / "o" / "results.md").read_text()
+    assert "PickScore ↑" in text and "CLIP sim ↓" in text and "OCR (GOT) skipped" in text
+    with pytest.raises(FileNotFoundError, match="--lora"):
+        EV.main(["--lora", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="unknown reward"):
+        EV.main(["--rewards", "nope", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--prompts"):
+        EV.main(["--weights", model.DEFAULT_WEIGHTS, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+def test_evaluate_layout_detector_comes_from_the_reward_module(monkeypatch):
+    """SDI's detector is the one the GenEval reward registered (the world lends its numpy detector without evaluate.py
+    importing data/); without one it is Grounding DINO, which names its weights when they are missing."""
+    cfg = EV.check_settings(EV.parse_args(["--num_prompts", "1", "--num_images", "2"]))
+    assert cfg.detector == "shapes" and "shapes" in reward.DETECTORS
+    images = world.render_batch(world.load_prompts("test")[:2], seed=0)
+    assert [[d.box for d in ds] for ds in reward.build_detector("shapes")(images, ["a", "b"])] == \
+        [[d.box for d in ds] for ds in world.detect(images)]
+    cfg = EV.check_settings(EV.parse_args(["--num_prompts", "1", "--num_images", "2", "--layout_detector",
+                                           "grounding_dino"]))
+    assert cfg.detector is None and any("IDEA-Research/grounding-dino-tiny" in n for n in cfg.notes)
+
+
+def test_reward_grounding_dino_detector_on_a_tiny_model(tmp_path):
+    """build_detector("grounding_dino") runs transformers' Grounding DINO (tiny random weights, real classes and files)
+    with the prompt as caption and returns Detections with pixel boxes inside the image."""
+    from transformers import (BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "photo", "of", "red", "cat", "dog"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = BertTokenizer(str(tmp_path / "vocab.txt"))
+    cfg = GroundingDinoConfig(
+        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                                   window_size=2, out_features=["stage2", "stage3", "stage4"]),
+        text_config=dict(model_type="bert", vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=16, max_position_embeddings=32),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=6, num_feature_levels=3, encoder_n_points=1,
+        decoder_n_points=1, max_text_len=32)
+    torch.manual_seed(0)
+    d = str(tmp_path / "gdino")
+    GroundingDinoForObjectDetection(cfg).save_pretrained(d)
+    GroundingDinoProcessor(GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}), tok).save_pretrained(d)
+    detect = reward.build_detector("grounding_dino", {"grounding_dino": d})
+    det = reward.load_grounding_dino(d)
+    det.box_threshold = det.text_threshold = 0.0          # keep every query of the random model
+    images = _images(8, b=2, h=40, w=56)
+    out = detect(images, ["a photo of a red cat", "a dog"])
+    assert len(out) == 2 and all(len(ds) == cfg.num_queries for ds in out)
+    for ds in out:
+        assert [x.score for x in ds] == sorted((x.score for x in ds), reverse=True)
+        for x in ds:
+            assert isinstance(x, Detection) and 0 <= x.score <= 1 and len(x.box) == 4
+            assert -1e-3 <= x.box[0] <= x.box[2] <= 56 + 1e-3 and -1e-3 <= x.box[1] <= x.box[3] <= 40 + 1e-3
+    assert reward.grounding_caption("A Red Cat") == "a red cat." and reward.grounding_caption("a dog.") == "a dog."
