@@ -273,7 +273,7 @@ def check_settings(args):
         importlib.import_module(args.reward_module)
     notes = list(NOT_IMPLEMENTED)
 
-    def available(name, needs=None):
+    def available(name):
         try:
             R.check_paths(name, paths)
             return True
