@@ -1,7 +1,9 @@
-"""Rewards for E2PO: GenEval (in-process, no mmdet), PickScore, CLIPScore, LAION Aesthetic and HPSv2.1 behind one
-interface, and GenEval's scoring rules around any detector. Other code adds rewards with `register` (the shapes
-world registers "shapes" and "shapes_soft", its GenEval scores with its own numpy detector, from data/shapes/world.py;
-train.py imports the module named by its `reward_module` setting).
+"""Rewards for E2PO: GenEval (in-process, no mmdet), PickScore, CLIPScore, LAION Aesthetic, HPSv2.1, ImageReward
+("image_reward") and an OCR reward on GOT-OCR 2.0 ("ocr_got") behind one interface, and GenEval's scoring rules around
+any detector. Other code adds rewards with `register` (the shapes world registers "shapes" and "shapes_soft", its
+GenEval scores with its own numpy detector, from data/shapes/world.py; train.py and evaluate.py import the module
+named by their `reward_module` setting). Object detectors for other metrics sit behind one interface too
+(`build_detector`: "grounding_dino", "mask2former", and any detector a reward registered with itself, e.g. "shapes").
 
     fn = reward.build({"pickscore": 1.0}, paths={"pickscore": ..., "pickscore_processor": ...}, device="cuda")
     scores = fn(images, prompts, metadata)   # images (B,3,H,W) float in [0,1]
@@ -24,12 +26,19 @@ Weights (never downloaded at run time; every model loads from a local path given
                                                                             (sac+logos+ava1-l14-linearMSE.pth)
   "mask2former"         Mask2FormerForUniversalSegmentation dir, COCO        facebook/mask2former-swin-small-coco-instance
                         instance (GenEval's detector is Mask2Former Swin-S)
+  "image_reward"        dir with ImageReward.pt + med_config.json            THUDM/ImageReward
+                        (mapped onto transformers' BLIP classes by `imagereward_to_transformers`)
+  "image_reward_tokenizer" the bert-base-uncased tokenizer dir               google-bert/bert-base-uncased
+  "got_ocr"             GotOcr2ForConditionalGeneration dir + processor      stepfun-ai/GOT-OCR-2.0-hf
+  "grounding_dino"      GroundingDinoForObjectDetection dir + processor      IDEA-Research/grounding-dino-tiny
+                        (a detector, not a reward: evaluate.py's layout diversity on real images)
 `huggingface-cli download <repo id> --local-dir <dir>` fetches any of them; a missing path raises
 FileNotFoundError naming the key, the expected files and the repo id, before any model loads.
 Shortcuts: paths[<reward>] may name one folder holding sub-folders named by key (e.g.
 {"geneval": "/models/geneval"} with mask2former/ and clip_l/ inside); "pickscore_processor" may be left
 out when the PickScore folder also holds the CLIP-H tokenizer + preprocessor_config.json; "hpsv2_processor"
-defaults to "pickscore_processor".
+defaults to "pickscore_processor"; "image_reward_tokenizer" may be left out when the ImageReward folder also holds
+the BERT tokenizer files.
 Models run in fp16 on CUDA (dtype=None), fp32 on CPU.
 
 Tests: `python -m pytest -q test_e2po.py -k reward` (CPU, tiny random-init models of the real transformers classes).
@@ -53,6 +62,13 @@ Departures from the references:
   over thresholds 0, 0.1, ..., 0.9, a dense reward for models that rarely clear GenEval's 0.3 / 0.9.
 - transformers builds Mask2Former's training loss (needs scipy) in the constructor; when scipy is
   missing we build it with an inference-only stub instead (see `build_mask2former`).
+- ImageReward: THUDM's package runs BLIP's own ViT and "med" BERT on PIL images (bicubic resize to 224 + centre
+  crop); we map ImageReward.pt onto transformers' BlipVisionModel + BlipTextModel (an exact key check; BLIP's unused
+  contrastive projections are the only keys left out) and preprocess tensors like CLIP above. The tokenizer is the
+  plain bert-base-uncased one: BLIP adds [DEC]/[ENC] tokens, which ImageReward's score never uses.
+- OCR: Flow-GRPO and DiffusionNFT score OCR with PaddleOCR; "ocr_got" keeps their metric (`ocr_score`: the prompt's
+  quoted text, lowercased without spaces, 1 - min(Levenshtein, len)/len, 0 distance when contained) on GOT-OCR 2.0
+  (transformers), greedy decoding capped at OCR_MAX_NEW_TOKENS. Its numbers are not PaddleOCR's, hence the name.
 """
 from __future__ import annotations
 
@@ -100,6 +116,16 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# ImageReward (THUDM/ImageReward ImageReward.py): BLIP ViT-L at 224 px, BERT "med" text at 35 tokens, then (r - mean) / std
+IMAGEREWARD_MEAN = 0.16717362830052426
+IMAGEREWARD_STD = 1.0333394966054072
+IMAGEREWARD_MAX_LENGTH = 35
+IMAGEREWARD_FILES = ("ImageReward.pt", "med_config.json")
+# OCR (Flow-GRPO's ocr.py metric on a transformers OCR model)
+OCR_MAX_NEW_TOKENS = 128   # GOT-OCR generation cap per image (the rendered text is a few words)
+# Grounding DINO (layout detections for evaluate.py's SDI): transformers' / the model card's thresholds
+GROUNDING_BOX_THRESHOLD = 0.35
+GROUNDING_TEXT_THRESHOLD = 0.25
 
 # paths key -> (expected files, HF repo id)
 WEIGHT_SOURCES = {
@@ -116,7 +142,15 @@ WEIGHT_SOURCES = {
                   "(see reward.aesthetic_reward)", "camenduru/improved-aesthetic-predictor"),
     "mask2former": ("a Mask2FormerForUniversalSegmentation directory (COCO instance) with config.json, "
                     "model weights and preprocessor_config.json", "facebook/mask2former-swin-small-coco-instance"),
+    "image_reward": ("a directory with ImageReward.pt and med_config.json", "THUDM/ImageReward"),
+    "image_reward_tokenizer": ("the bert-base-uncased tokenizer (vocab.txt, tokenizer_config.json)",
+                               "google-bert/bert-base-uncased"),
+    "got_ocr": ("a GotOcr2ForConditionalGeneration directory with config.json, model weights, tokenizer and "
+                "preprocessor_config.json", "stepfun-ai/GOT-OCR-2.0-hf"),
+    "grounding_dino": ("a GroundingDinoForObjectDetection directory with config.json, model weights, tokenizer and "
+                       "preprocessor_config.json", "IDEA-Research/grounding-dino-tiny"),
 }
+REQUIRED_FILES = {"image_reward": IMAGEREWARD_FILES}   # keys whose folder holds these files instead of a config.json
 
 
 # ------------------------------------------------------------------------------------- GenEval scoring
@@ -331,7 +365,8 @@ def _default_dtype(device, dtype):
 
 
 def _has_tokenizer(d) -> bool:
-    return bool(d) and os.path.isdir(d) and any(os.path.isfile(os.path.join(d, f)) for f in ("tokenizer.json", "vocab.json"))
+    return bool(d) and os.path.isdir(d) and any(os.path.isfile(os.path.join(d, f))
+                                                for f in ("tokenizer.json", "vocab.json", "vocab.txt"))
 
 
 def _need_path(paths: dict, key: str, reward: str) -> str:
@@ -346,6 +381,8 @@ def _need_path(paths: dict, key: str, reward: str) -> str:
         p = paths.get("pickscore_processor")
     if not p and key == "pickscore_processor" and _has_tokenizer(paths.get("pickscore")):
         p = paths["pickscore"]
+    if not p and key == "image_reward_tokenizer" and _has_tokenizer(paths.get("image_reward")):
+        p = paths["image_reward"]
     files, repo = WEIGHT_SOURCES[key]
     if not p:
         raise FileNotFoundError(f"reward {reward!r} needs reward_paths[{key!r}]: {files}; get it from the "
@@ -353,10 +390,16 @@ def _need_path(paths: dict, key: str, reward: str) -> str:
     if not os.path.exists(p):
         raise FileNotFoundError(f"reward {reward!r}: reward_paths[{key!r}] = {p!r} does not exist; expected "
                                 f"{files}; get it from the Hugging Face repo {repo}")
-    if key.endswith("_processor"):
+    if key.endswith(("_processor", "_tokenizer")):
         if not _has_tokenizer(p):
-            raise FileNotFoundError(f"reward {reward!r}: {p!r} has no tokenizer (tokenizer.json or vocab.json); "
-                                    f"expected {files} (Hugging Face repo {repo})")
+            raise FileNotFoundError(f"reward {reward!r}: {p!r} has no tokenizer (tokenizer.json, vocab.json or "
+                                    f"vocab.txt); expected {files} (Hugging Face repo {repo})")
+    elif key in REQUIRED_FILES:
+        folder = p if os.path.isdir(p) else os.path.dirname(p)
+        lacking = [f for f in REQUIRED_FILES[key] if not os.path.isfile(os.path.join(folder, f))]
+        if lacking:
+            raise FileNotFoundError(f"reward {reward!r}: {folder!r} lacks {', '.join(lacking)}; expected {files} "
+                                    f"(Hugging Face repo {repo})")
     elif os.path.isdir(p) and not os.path.isfile(os.path.join(p, "config.json")):
         raise FileNotFoundError(f"reward {reward!r}: {p!r} has no config.json; expected {files} "
                                 f"(Hugging Face repo {repo})")
@@ -520,6 +563,30 @@ def _load_state_dict_file(path: str) -> dict:
     return sd
 
 
+def _assign_weights(build: Callable, sd: dict, path: str, what: str) -> nn.Module:
+    """build() on the meta device (no random init of a large model), then assign `sd`: the key set must match the
+    model's exactly (non-persistent position_ids buffers apart, which are filled with arange) and every shape must
+    fit; anything else is a ValueError naming `path`."""
+    with torch.device("meta"):
+        model = build()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(k for k in expected if k not in sd and not k.endswith("position_ids"))
+    unexpected = sorted(k for k in sd if k not in expected)
+    shapes = sorted(k for k in sd if k in expected and tuple(sd[k].shape) != expected[k])
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path}: {what} do not fit {type(model).__name__}: missing {missing[:10]}, unexpected "
+                         f"{unexpected[:10]}, mis-shaped {[(k, tuple(sd[k].shape), expected[k]) for k in shapes[:5]]}")
+    model.load_state_dict(sd, strict=False, assign=True)
+    for module in model.modules():   # non-persistent position_ids buffers are not in the state dict
+        buf = module._buffers.get("position_ids")
+        if buf is not None and buf.is_meta:
+            module._buffers["position_ids"] = torch.arange(buf.shape[-1]).expand(buf.shape).clone()
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise ValueError(f"{path}: {what} left uninitialised tensors {still_meta[:10]}")
+    return model
+
+
 def load_hps(path: str, processor_path: str, device="cpu", dtype=None, vision_heads=None, text_heads=None) -> ClipBundle:
     """HPSv2.1: an OpenCLIP ViT-H/14 checkpoint file (converted on load) or a converted CLIPModel dir."""
     from transformers import AutoTokenizer, CLIPModel
@@ -529,23 +596,139 @@ def load_hps(path: str, processor_path: str, device="cpu", dtype=None, vision_he
 
     def load():
         sd, config = openclip_to_transformers(_load_state_dict_file(path), vision_heads, text_heads)
-        with torch.device("meta"):   # no random init of a 1B-parameter model; weights are assigned below
-            model = CLIPModel(config)
-        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-        missing = [k for k in missing if not k.endswith("position_ids")]
-        if missing or unexpected:
-            raise ValueError(f"{path}: converted HPS weights do not fit CLIPModel: missing {missing[:10]}, "
-                             f"unexpected {list(unexpected)[:10]}")
-        for module in model.modules():   # non-persistent position_ids buffers are not in the state dict
-            buf = module._buffers.get("position_ids")
-            if buf is not None and buf.is_meta:
-                module._buffers["position_ids"] = torch.arange(buf.shape[-1]).expand(buf.shape).clone()
-        still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-        if still_meta:
-            raise ValueError(f"{path}: converted HPS model left uninitialised tensors {still_meta[:10]}")
+        model = _assign_weights(lambda: CLIPModel(config), sd, path, "converted HPS weights")
         tok = AutoTokenizer.from_pretrained(processor_path, local_files_only=True)
         return ClipBundle(_finish(model, device, dtype), tok, _read_preprocessor(processor_path), device, dtype)
     return _cached(("hps", os.path.abspath(path), os.path.abspath(processor_path), str(device), dtype), load)
+
+
+# ------------------------------------------------------------------------------------- ImageReward (BLIP)
+IGNORED_IMAGEREWARD_KEYS = (   # in ImageReward.pt, unused by its score: BLIP's contrastive projections, a position buffer
+    "blip.vision_proj.weight", "blip.vision_proj.bias", "blip.text_proj.weight", "blip.text_proj.bias",
+    "blip.text_encoder.embeddings.position_ids")
+
+
+class ImageRewardModel(nn.Module):
+    """ImageReward on transformers' BLIP classes: BlipVisionModel (ViT-L/16, 224 px) -> every image token into the
+    cross-attention of BlipTextModel (BLIP's BERT "med" encoder) -> the [CLS] state -> a 768->1024->128->64->16->1
+    head without activations (the layout of `AestheticMLP`, kept in float32) -> (r - mean) / std."""
+
+    def __init__(self, vision_config, text_config):
+        from transformers import BlipTextModel, BlipVisionModel
+        super().__init__()
+        self.vision_model = BlipVisionModel(vision_config)
+        self.text_encoder = BlipTextModel(text_config, add_pooling_layer=False)
+        self.mlp = AestheticMLP(text_config.hidden_size)
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                                 encoder_attention_mask=image_mask).last_hidden_state
+        cls = text[:, 0].to(self.mlp.layers[0].weight.dtype)   # float32 after load_imagereward, as the reference
+        return imagereward_normalise(self.mlp(cls).float().squeeze(-1))
+
+
+def imagereward_normalise(raw: torch.Tensor) -> torch.Tensor:
+    """ImageReward's reported score: (head output - 0.16717...) / 1.03333... (its mean and std over its training set)."""
+    return (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+
+
+def imagereward_to_transformers(sd: dict, med_config: dict, vision_heads: int | None = None):
+    """Map ImageReward.pt (BLIP's timm-style ViT `blip.visual_encoder.*`, BERT `blip.text_encoder.*`, head `mlp.*`)
+    onto ImageRewardModel. Returns (state_dict, BlipVisionConfig, BlipTextConfig). Vision sizes come from the weights
+    (heads default to width // 64: ViT-L 16), text sizes from med_config.json. ValueError on missing or unexpected
+    keys (IGNORED_IMAGEREWARD_KEYS apart)."""
+    from transformers import BlipTextConfig, BlipVisionConfig
+    used, out = set(), {}
+
+    def take(k):
+        if k not in sd:
+            raise ValueError(f"ImageReward state dict is missing key {k!r}")
+        used.add(k)
+        return sd[k]
+
+    v = "blip.visual_encoder."
+    conv, pos = take(v + "patch_embed.proj.weight"), take(v + "pos_embed")
+    width, patch = conv.shape[0], conv.shape[-1]
+    grid = int(round(math.sqrt(pos.shape[1] - 1)))
+    layers = 1 + max((int(k[len(v + "blocks."):].split(".")[0]) for k in sd if k.startswith(v + "blocks.")), default=-1)
+    if layers == 0:
+        raise ValueError("ImageReward state dict has no blip.visual_encoder.blocks.* keys")
+    out["vision_model.embeddings.class_embedding"] = take(v + "cls_token")
+    out["vision_model.embeddings.position_embedding"] = pos
+    out["vision_model.embeddings.patch_embedding.weight"] = conv
+    out["vision_model.embeddings.patch_embedding.bias"] = take(v + "patch_embed.proj.bias")
+    for i in range(layers):
+        s, d = f"{v}blocks.{i}.", f"vision_model.encoder.layers.{i}."
+        for a, b in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.qkv", "self_attn.qkv"),
+                     ("attn.proj", "self_attn.projection"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+            out[d + b + ".weight"], out[d + b + ".bias"] = take(s + a + ".weight"), take(s + a + ".bias")
+    out["vision_model.post_layernorm.weight"], out["vision_model.post_layernorm.bias"] = \
+        take(v + "norm.weight"), take(v + "norm.bias")
+    t = "blip.text_encoder."
+    for k in sd:   # BLIP's med BERT uses transformers' BERT names, which BlipTextModel kept
+        if k.startswith(t) and k not in IGNORED_IMAGEREWARD_KEYS:
+            out["text_encoder." + k[len(t):]] = take(k)
+    for k in sd:
+        if k.startswith("mlp.layers."):
+            out[k] = take(k)
+    unexpected = sorted(k for k in sd if k not in used and k not in IGNORED_IMAGEREWARD_KEYS)
+    if unexpected:
+        raise ValueError(f"ImageReward state dict has unexpected keys: {unexpected[:10]}")
+    if not med_config.get("add_cross_attention", False):
+        raise ValueError("med_config.json must have add_cross_attention: true (ImageReward's text encoder "
+                         "cross-attends to the image)")
+    vision = BlipVisionConfig(hidden_size=width, intermediate_size=sd[v + "blocks.0.mlp.fc1.weight"].shape[0],
+                              num_hidden_layers=layers, num_attention_heads=vision_heads or max(width // 64, 1),
+                              image_size=grid * patch, patch_size=patch, hidden_act="gelu", layer_norm_eps=1e-6)
+    text = BlipTextConfig(
+        vocab_size=med_config["vocab_size"], hidden_size=med_config["hidden_size"],
+        intermediate_size=med_config["intermediate_size"], num_hidden_layers=med_config["num_hidden_layers"],
+        num_attention_heads=med_config["num_attention_heads"],
+        max_position_embeddings=med_config["max_position_embeddings"], hidden_act=med_config.get("hidden_act", "gelu"),
+        layer_norm_eps=med_config.get("layer_norm_eps", 1e-12), pad_token_id=med_config.get("pad_token_id", 0),
+        encoder_hidden_size=width, is_decoder=True,   # is_decoder: BlipTextLayer builds its cross-attention only then
+        bos_token_id=None, eos_token_id=None, sep_token_id=None)   # no generation; BLIP's ids would not fit a tiny vocab
+    return out, vision, text
+
+
+class ImageRewardBundle:
+    """ImageRewardModel with its tokenizer and 224-px preprocessing; `lock` guards every use."""
+
+    def __init__(self, model: ImageRewardModel, tokenizer, device, dtype):
+        self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, torch.device(device), dtype
+        self.size = model.vision_model.config.image_size
+        self.lock = threading.Lock()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """(B,3,H,W) in [0,1] and B prompts -> float32 (B,) normalised ImageReward scores. Call with `lock` held."""
+        x = resize_crop_normalize(images.to(self.device), self.size, (self.size, self.size), OPENAI_CLIP_MEAN,
+                                  OPENAI_CLIP_STD).to(self.dtype)
+        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=IMAGEREWARD_MAX_LENGTH,
+                             return_tensors="pt")
+        return self.model(x, tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device))
+
+
+def load_imagereward(path: str, tokenizer_path: str, device="cpu", dtype=None, vision_heads=None) -> ImageRewardBundle:
+    """ImageReward from a folder with ImageReward.pt + med_config.json (or the .pt with med_config.json beside it)
+    and the bert-base-uncased tokenizer folder (cached per path/device/dtype)."""
+    from transformers import AutoTokenizer
+    dtype = _default_dtype(device, dtype)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    weights = os.path.join(folder, IMAGEREWARD_FILES[0]) if os.path.isdir(path) else path
+
+    def load():
+        with open(os.path.join(folder, IMAGEREWARD_FILES[1])) as f:
+            med = json.load(f)
+        sd, vision, text = imagereward_to_transformers(_load_state_dict_file(weights), med, vision_heads)
+        model = _assign_weights(lambda: ImageRewardModel(vision, text), sd, weights, "converted ImageReward weights")
+        model = _finish(model, device, dtype)
+        model.mlp.float()            # the head runs in float32, as the reference casts the [CLS] state to float
+        tok = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+        return ImageRewardBundle(model, tok, device, dtype)
+    return _cached(("imagereward", os.path.abspath(weights), os.path.abspath(tokenizer_path), str(device), dtype), load)
 
 
 # ------------------------------------------------------------------------------------- Mask2Former
@@ -661,6 +844,127 @@ def load_mask2former(path: str, device="cpu", dtype=None) -> Mask2FormerDetector
         model = build_mask2former(path, **_dtype_kwargs(dtype))
         return Mask2FormerDetector(_finish(model, device, dtype), _read_preprocessor(path), device, dtype)
     return _cached(("m2f", os.path.abspath(path), str(device), dtype), load)
+
+
+# ------------------------------------------------------------------------------------- OCR (GOT-OCR 2.0)
+def quoted_text(prompt: str) -> str:
+    """The text an OCR prompt asks for: what follows the first double quote, up to the next one (Flow-GRPO's
+    prompt.split('"')[1]). ValueError when the prompt has no quote or the quotes hold nothing."""
+    parts = prompt.split('"')
+    if len(parts) < 2 or not parts[1].replace(" ", ""):
+        raise ValueError(f"OCR reward: prompt {prompt!r} has no text between double quotes (e.g. 'a sign saying "
+                         f"\"hello\"')")
+    return parts[1]
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions, each 1), the python-Levenshtein package's distance."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def ocr_score(recognized: str, target: str) -> float:
+    """Flow-GRPO's OCR reward: both strings lowercased without spaces; distance 0 when the target is contained in the
+    recognised text, else their Levenshtein distance capped at len(target); reward 1 - distance / len(target)."""
+    rec, tgt = recognized.replace(" ", "").lower(), target.replace(" ", "").lower()
+    if not tgt:
+        raise ValueError("OCR reward: empty target text")
+    dist = 0 if tgt in rec else min(levenshtein(rec, tgt), len(tgt))
+    return 1 - dist / len(tgt)
+
+
+def to_pil_images(images: torch.Tensor) -> list:
+    """(B,3,H,W) in [0,1] -> PIL RGB images, rounded to uint8 as Flow-GRPO's reward functions do."""
+    from PIL import Image
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+class GotOcr:
+    """GOT-OCR 2.0 (transformers' GotOcr2ForConditionalGeneration + its processor): plain OCR, greedy decoding up to
+    `max_new_tokens` or <|im_end|>; returns the recognised text per image. `lock` guards every use."""
+
+    def __init__(self, model, processor, device, dtype, max_new_tokens=OCR_MAX_NEW_TOKENS):
+        self.model, self.processor, self.device, self.dtype = model, processor, torch.device(device), dtype
+        self.max_new_tokens = max_new_tokens
+        v = model.config.vision_config
+        self.num_image_tokens = (v.image_size // v.patch_size // 4) ** 2   # two stride-2 convs in the projector
+        self.lock = threading.Lock()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> list[str]:
+        inputs = self.processor(to_pil_images(images), return_tensors="pt", num_image_tokens=self.num_image_tokens)
+        inputs = {k: (v.to(self.device, self.dtype) if k == "pixel_values" else v.to(self.device))
+                  for k, v in inputs.items()}
+        with self.lock:
+            ids = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens,
+                                      tokenizer=self.processor.tokenizer, stop_strings="<|im_end|>")
+        return self.processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def load_got_ocr(path: str, device="cpu", dtype=None, max_new_tokens=OCR_MAX_NEW_TOKENS) -> GotOcr:
+    from transformers import AutoProcessor, GotOcr2ForConditionalGeneration
+    dtype = _default_dtype(device, dtype)
+
+    def load():
+        model = GotOcr2ForConditionalGeneration.from_pretrained(path, **_dtype_kwargs(dtype))
+        return GotOcr(_finish(model, device, dtype), AutoProcessor.from_pretrained(path, local_files_only=True),
+                      device, dtype, max_new_tokens)
+    return _cached(("got_ocr", os.path.abspath(path), str(device), dtype, max_new_tokens), load)
+
+
+# ------------------------------------------------------------------------------------- Grounding DINO
+def grounding_caption(prompt: str) -> str:
+    """Grounding DINO's text input: the prompt lowercased, ending with a period (its model card's convention)."""
+    text = prompt.strip().lower()
+    return text if text.endswith(".") else text + "."
+
+
+class GroundingDinoDetector:
+    """Grounding DINO (transformers) with the prompt as the grounding caption: (B,3,H,W) [0,1] tensors and B prompts
+    -> list[list[Detection]] (label = the grounded phrase, box in pixels, no mask), most confident first."""
+
+    def __init__(self, model, processor, device, dtype, box_threshold=GROUNDING_BOX_THRESHOLD,
+                 text_threshold=GROUNDING_TEXT_THRESHOLD):
+        self.model, self.processor, self.device, self.dtype = model, processor, torch.device(device), dtype
+        self.box_threshold, self.text_threshold = box_threshold, text_threshold
+        self.lock = threading.Lock()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> list[list[Detection]]:
+        h, w = images.shape[-2:]
+        results = []
+        for image, prompt in zip(to_pil_images(images), prompts):   # one caption per image: no text padding
+            inputs = self.processor(images=image, text=grounding_caption(prompt), return_tensors="pt")
+            inputs = {k: (v.to(self.device, self.dtype) if k == "pixel_values" else v.to(self.device))
+                      for k, v in inputs.items()}
+            with self.lock:
+                out = self.model(**inputs)
+            out.logits, out.pred_boxes = out.logits.float(), out.pred_boxes.float()
+            r = self.processor.post_process_grounded_object_detection(
+                out, inputs["input_ids"], threshold=self.box_threshold, text_threshold=self.text_threshold,
+                target_sizes=[(h, w)])[0]
+            labels = r.get("text_labels", r.get("labels"))
+            dets = [Detection(str(lab), float(sc), tuple(float(v) for v in box.tolist()))
+                    for sc, box, lab in zip(r["scores"], r["boxes"], labels)]
+            results.append(sorted(dets, key=lambda d: -d.score))
+        return results
+
+
+def load_grounding_dino(path: str, device="cpu", dtype=None) -> GroundingDinoDetector:
+    from transformers import AutoProcessor, GroundingDinoForObjectDetection
+    dtype = _default_dtype(device, dtype)
+
+    def load():
+        model = GroundingDinoForObjectDetection.from_pretrained(path, **_dtype_kwargs(dtype))
+        return GroundingDinoDetector(_finish(model, device, dtype), AutoProcessor.from_pretrained(
+            path, local_files_only=True), device, dtype)
+    return _cached(("gdino", os.path.abspath(path), str(device), dtype), load)
 
 
 # ------------------------------------------------------------------------------------- colour classifier
@@ -838,25 +1142,84 @@ def aesthetic_reward(paths: dict, device="cpu", dtype=None):
     return fn
 
 
+def image_reward_reward(paths: dict, device="cpu", dtype=None):
+    """ImageReward (BLIP ViT-L + BERT med, THUDM/ImageReward) on transformers' BLIP classes; the normalised score."""
+    ir = load_imagereward(_need_path(paths, "image_reward", "image_reward"),
+                          _need_path(paths, "image_reward_tokenizer", "image_reward"), device, dtype)
+
+    def fn(images, prompts, metadata=None):
+        with ir.lock:
+            return {"image_reward": _out(ir(images, prompts), images)}
+    return fn
+
+
+def ocr_got_reward(paths: dict, device="cpu", dtype=None):
+    """Flow-GRPO's OCR metric (`ocr_score` against the prompt's quoted text) on GOT-OCR 2.0 instead of PaddleOCR:
+    named apart ("ocr_got") because its numbers are not PaddleOCR's."""
+    ocr = load_got_ocr(_need_path(paths, "got_ocr", "ocr_got"), device, dtype)
+
+    def fn(images, prompts, metadata=None):
+        targets = [quoted_text(p) for p in prompts]   # a prompt without quotes fails before the OCR runs
+        return {"ocr_got": _out([ocr_score(t, g) for t, g in zip(ocr(images), targets)], images)}
+    return fn
+
+
 REWARDS: dict[str, Callable] = {
     "geneval": geneval_reward, "pickscore": pickscore_reward, "clipscore": clipscore_reward,
-    "aesthetic": aesthetic_reward, "hpsv2": hpsv2_reward,
+    "aesthetic": aesthetic_reward, "hpsv2": hpsv2_reward, "image_reward": image_reward_reward, "ocr_got": ocr_got_reward,
 }
 REQUIRED_PATHS = {   # checked for every named reward before any model loads
     "geneval": ["mask2former", "clip_l"], "pickscore": ["pickscore", "pickscore_processor"],
     "clipscore": ["clip_l"], "aesthetic": ["clip_l", "aesthetic"], "hpsv2": ["hpsv2", "hpsv2_processor"],
+    "image_reward": ["image_reward", "image_reward_tokenizer"], "ocr_got": ["got_ocr"],
 }
 NEEDS_METADATA = {"geneval"}   # rewards that score GenEval metadata ("tag", "include"), not only the prompt text
 
 
-def register(name: str, factory: Callable, paths=(), needs_metadata: bool = False) -> None:
+def grounding_dino_detector(paths: dict, device="cpu", dtype=None):
+    detector = load_grounding_dino(_need_path(paths, "grounding_dino", "grounding_dino"), device, dtype)
+    return lambda images, prompts: detector(images, prompts)
+
+
+def mask2former_detector(paths: dict, device="cpu", dtype=None):
+    detector = load_mask2former(_need_path(paths, "mask2former", "mask2former"), device, dtype)
+    return lambda images, prompts: detector(images)
+
+
+# Object detectors behind one interface, for metrics that need boxes (evaluate.py's layout diversity, SDI):
+# factory(paths, device, dtype) -> detect(images (B,3,H,W) in [0,1], prompts) -> list[list[Detection]]
+DETECTORS: dict[str, Callable] = {"grounding_dino": grounding_dino_detector, "mask2former": mask2former_detector}
+DETECTOR_PATHS = {"grounding_dino": ["grounding_dino"], "mask2former": ["mask2former"]}
+
+
+def register(name: str, factory: Callable, paths=(), needs_metadata: bool = False, detector: Callable | None = None,
+             ) -> None:
     """Add a reward: factory(paths, device, dtype) -> fn(images, prompts, metadata) -> {name: (B,), ...}; `paths` are
-    the reward_paths keys it needs (checked before anything loads); needs_metadata: it scores GenEval metadata."""
+    the reward_paths keys it needs (checked before anything loads); needs_metadata: it scores GenEval metadata.
+    detector: factory(paths, device, dtype) -> detect(images, prompts) -> list[list[Detection]], the detector the
+    reward scores with, registered under the same name in DETECTORS so other metrics can reuse it (the shapes world
+    lends its numpy detector to evaluate.py's SDI this way, and nothing in the core imports the world)."""
     if name in REWARDS and REWARDS[name] is not factory:
         raise ValueError(f"reward {name!r} is registered already")
     REWARDS[name], REQUIRED_PATHS[name] = factory, list(paths)
     if needs_metadata:
         NEEDS_METADATA.add(name)
+    if detector is not None:
+        DETECTORS[name], DETECTOR_PATHS[name] = detector, list(paths)
+
+
+def check_detector(name: str, paths: dict | None = None) -> None:
+    """ValueError for an unknown detector, FileNotFoundError (naming files and repo id) for a missing path; loads nothing."""
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; choose from {sorted(DETECTORS)}")
+    for key in DETECTOR_PATHS[name]:
+        _need_path(dict(paths or {}), key, name)
+
+
+def build_detector(name: str, paths: dict | None = None, device="cpu", dtype=None) -> Callable:
+    """detect(images, prompts) -> list[list[Detection]] of a detector in DETECTORS; its paths are checked first."""
+    check_detector(name, paths)
+    return DETECTORS[name](dict(paths or {}), device, dtype)
 
 
 def parse_spec(spec) -> dict[str, float]:

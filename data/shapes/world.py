@@ -11,7 +11,8 @@ A small procedural world in which the whole E²PO method runs on CPU in minutes:
 * a numpy detector `detect(images)` returning `reward.Detection`s (label, score, box, mask, colour)
   that plugs into reward.py's GenEval scoring in place of Mask2Former + CLIP colour classification, and the
   world's rewards built on it, registered with reward.py on import: "shapes" (GenEval's partial score, and its
-  strict correctness as "shapes_strict") and "shapes_soft" (the partial score averaged over detection thresholds);
+  strict correctness as "shapes_strict") and "shapes_soft" (the partial score averaged over detection thresholds),
+  each registered with the detector (reward.build_detector("shapes") for other metrics, e.g. evaluate.py's SDI);
 * `write_clip_tokenizer(out_dir)`: a CLIP BPE tokenizer over the world's words (one token per word,
   unknown words fall back to characters) laid out as SD3's tokenizer/ and tokenizer_2/ folders.
 
@@ -452,8 +453,14 @@ def shapes_soft_reward(paths: dict, device="cpu", dtype=None):
     return reward.geneval_from_detector(_detect_tensors, "shapes_soft", soft=True)
 
 
-reward.register("shapes", shapes_reward, needs_metadata=True)
-reward.register("shapes_soft", shapes_soft_reward, needs_metadata=True)
+def shapes_detector(paths: dict, device="cpu", dtype=None):
+    """The world's detector behind reward.py's detector interface, detect(images, prompts) (the prompts are unused):
+    registered with the rewards below, so evaluate.py's layout diversity (SDI) finds it without importing data/."""
+    return lambda images, prompts=None: _detect_tensors(images)
+
+
+reward.register("shapes", shapes_reward, needs_metadata=True, detector=shapes_detector)
+reward.register("shapes_soft", shapes_soft_reward, needs_metadata=True, detector=shapes_detector)
 
 
 # ----------------------------------------------------------------------------- CLIP tokenizer
