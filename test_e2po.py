@@ -42,6 +42,7 @@ from data.shapes import world
 import configurator
 import train
 import bench
+import evaluate as EV
 from conftest import build_clip_tokenizer, build_tiny_pipeline
 
 
@@ -1731,6 +1732,305 @@ def test_reward_thread_safety(tiny_rewards):
                 torch.testing.assert_close(r[k], serial[i][k], atol=1e-6, rtol=0)
 
 
+# ------------------------------------------------------------------------------------- OCR metric and GOT-OCR
+def test_reward_ocr_metric_cases():
+    assert reward.quoted_text('a neon sign that says "Hello World" at night') == "Hello World"
+    assert reward.quoted_text('a sign "open') == "open"                     # Flow-GRPO: split('"')[1]
+    for bad in ("no quotes here", 'empty "" quotes', 'spaces "  " only'):
+        with pytest.raises(ValueError, match="double quotes"):
+            reward.quoted_text(bad)
+    assert reward.levenshtein("kitten", "sitting") == 3 and reward.levenshtein("", "abc") == 3
+    assert reward.ocr_score("HELLO world", "hello world") == 1.0            # case and spaces ignored
+    assert reward.ocr_score("xx hello world yy", "Hello World") == 1.0      # contained: distance 0
+    assert reward.ocr_score("helo world", "hello world") == pytest.approx(1 - 1 / 10)
+    assert reward.ocr_score("", "abcd") == 0.0
+    assert reward.ocr_score("zzzzzzzzzzzzzz", "abc") == 0.0                 # distance capped at len(target)
+    with pytest.raises(ValueError):
+        reward.ocr_score("abc", " ")
+
+
+def _byte_level_tokenizer(special):
+    """A byte-level BPE fast tokenizer with no merges plus `special` tokens (Qwen2-like, for GOT-OCR)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    chars = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(chars))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": special})
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tiny_got_ocr(tmp_path_factory):
+    from transformers import (GotOcr2Config, GotOcr2ForConditionalGeneration, GotOcr2ImageProcessor,
+                              GotOcr2Processor)
+    d = str(tmp_path_factory.mktemp("got_ocr"))
+    tok = _byte_level_tokenizer(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<img>", "</img>", "<imgpad>"])
+    cfg = GotOcr2Config(
+        vision_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=1,
+                           image_size=32, patch_size=4, window_size=4, global_attn_indexes=[0], mlp_dim=16),
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=256, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>")),
+        image_token_index=tok.convert_tokens_to_ids("<imgpad>"), image_seq_length=4)
+    torch.manual_seed(0)
+    GotOcr2ForConditionalGeneration(cfg).save_pretrained(d)
+    GotOcr2Processor(GotOcr2ImageProcessor(size={"height": 32, "width": 32}), tok).save_pretrained(d)
+    return d
+
+
+def test_reward_ocr_got_on_tiny_weights(tiny_got_ocr, monkeypatch):
+    """The "ocr_got" reward runs transformers' GOT-OCR 2.0 (random tiny weights, the real classes and files) and scores
+    what it reads with ocr_score against the quoted text; a prompt without quotes fails before the OCR runs."""
+    monkeypatch.setattr(reward, "OCR_MAX_NEW_TOKENS", 6)
+    ocr = reward.load_got_ocr(tiny_got_ocr, max_new_tokens=6)
+    images, prompts = _images(7, b=2, h=40, w=40), ['a sign saying "cat"', 'a board with "hello there" on it']
+    texts = ocr(images)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    out = reward.build("ocr_got", {"got_ocr": tiny_got_ocr})(images, prompts)
+    expected = [reward.ocr_score(t, reward.quoted_text(p)) for t, p in zip(texts, prompts)]
+    assert out["ocr_got"].tolist() == pytest.approx(expected) and all(0 <= s <= 1 for s in expected)
+    with pytest.raises(ValueError, match="double quotes"):
+        reward.build("ocr_got", {"got_ocr": tiny_got_ocr})(images, ["no quotes", "none"])
+    with pytest.raises(FileNotFoundError, match="stepfun-ai/GOT-OCR-2.0-hf"):
+        reward.check_paths("ocr_got", {})
+
+
+# ------------------------------------------------------------------------------------- ImageReward
+MED = dict(architectures=["BertModel"], attention_probs_dropout_prob=0.1, hidden_act="gelu", hidden_dropout_prob=0.1,
+           hidden_size=768, initializer_range=0.02, intermediate_size=64, layer_norm_eps=1e-12,
+           max_position_embeddings=40, model_type="bert", num_attention_heads=12, num_hidden_layers=1, pad_token_id=0,
+           type_vocab_size=2, encoder_width=768, add_cross_attention=True)
+IR_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "red", "cat", "dog", "blue", "two"]
+IR_VISION = dict(width=128, layers=2, heads=2, patch=32, size=224)   # ImageReward's 224 px; heads = width // 64
+
+
+def _imagereward_sd(seed=0, vocab=len(IR_WORDS)):
+    """A random ImageReward.pt state dict in the package's layout (BLIP ViT blip.visual_encoder.*, med BERT
+    blip.text_encoder.*, BLIP's unused projections, the head mlp.layers.*)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.05
+    W, L, P, S, H = IR_VISION["width"], IR_VISION["layers"], IR_VISION["patch"], IR_VISION["size"], MED["hidden_size"]
+    v = "blip.visual_encoder."
+    sd = {v + "cls_token": r(1, 1, W), v + "pos_embed": r(1, (S // P) ** 2 + 1, W),
+          v + "patch_embed.proj.weight": r(W, 3, P, P), v + "patch_embed.proj.bias": r(W),
+          v + "norm.weight": 1 + r(W), v + "norm.bias": r(W)}
+    for i in range(L):
+        b = f"{v}blocks.{i}."
+        for n, shape in (("norm1", (W,)), ("norm2", (W,))):
+            sd[b + n + ".weight"], sd[b + n + ".bias"] = 1 + r(*shape), r(*shape)
+        for n, (o, k) in (("attn.qkv", (3 * W, W)), ("attn.proj", (W, W)), ("mlp.fc1", (4 * W, W)), ("mlp.fc2", (W, 4 * W))):
+            sd[b + n + ".weight"], sd[b + n + ".bias"] = r(o, k), r(o)
+    t = "blip.text_encoder."
+    sd[t + "embeddings.word_embeddings.weight"] = r(vocab, H)
+    sd[t + "embeddings.position_embeddings.weight"] = r(MED["max_position_embeddings"], H)
+    sd[t + "embeddings.LayerNorm.weight"], sd[t + "embeddings.LayerNorm.bias"] = 1 + r(H), r(H)
+    sd[t + "embeddings.position_ids"] = torch.arange(MED["max_position_embeddings"]).view(1, -1)
+    for i in range(MED["num_hidden_layers"]):
+        b = f"{t}encoder.layer.{i}."
+        for att, kv in (("attention", H), ("crossattention", W)):
+            sd[b + att + ".self.query.weight"], sd[b + att + ".self.query.bias"] = r(H, H), r(H)
+            for n in ("key", "value"):
+                sd[b + f"{att}.self.{n}.weight"], sd[b + f"{att}.self.{n}.bias"] = r(H, kv), r(H)
+            sd[b + att + ".output.dense.weight"], sd[b + att + ".output.dense.bias"] = r(H, H), r(H)
+            sd[b + att + ".output.LayerNorm.weight"], sd[b + att + ".output.LayerNorm.bias"] = 1 + r(H), r(H)
+        sd[b + "intermediate.dense.weight"], sd[b + "intermediate.dense.bias"] = r(MED["intermediate_size"], H), r(MED["intermediate_size"])
+        sd[b + "output.dense.weight"], sd[b + "output.dense.bias"] = r(H, MED["intermediate_size"]), r(H)
+        sd[b + "output.LayerNorm.weight"], sd[b + "output.LayerNorm.bias"] = 1 + r(H), r(H)
+    sd["blip.vision_proj.weight"], sd["blip.vision_proj.bias"] = r(256, W), r(256)
+    sd["blip.text_proj.weight"], sd["blip.text_proj.bias"] = r(256, H), r(256)
+    for i, (o, k) in zip((0, 2, 4, 6, 7), ((1024, H), (128, 1024), (64, 128), (16, 64), (1, 16))):
+        sd[f"mlp.layers.{i}.weight"], sd[f"mlp.layers.{i}.bias"] = r(o, k) * 2, r(o)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def tiny_imagereward(tmp_path_factory):
+    """A folder like THUDM/ImageReward's download (ImageReward.pt + med_config.json) with a BERT vocab.txt beside it."""
+    from transformers import BertTokenizer
+    d = tmp_path_factory.mktemp("image_reward")
+    med = dict(MED, vocab_size=len(IR_WORDS))
+    (d / "med_config.json").write_text(json.dumps(med))
+    torch.save(_imagereward_sd(), d / "ImageReward.pt")
+    (d / "vocab.txt").write_text("\n".join(IR_WORDS) + "\n")
+    BertTokenizer(str(d / "vocab.txt")).save_pretrained(str(d))
+    return str(d)
+
+
+def _reference_imagereward(sd, pixels, ids, mask):
+    """ImageReward's score written out from its sources (BLIP vit.py, med.py, ImageReward.py) in plain torch."""
+    v, t = "blip.visual_encoder.", "blip.text_encoder."
+    W, P, heads = IR_VISION["width"], IR_VISION["patch"], IR_VISION["heads"]
+
+    def attend(q, k, v_, n_heads, bias=None):
+        B, Lq, D = q.shape
+        split = lambda x: x.view(B, x.shape[1], n_heads, D // n_heads).transpose(1, 2)
+        a = split(q) @ split(k).transpose(-1, -2) / math.sqrt(D // n_heads)
+        if bias is not None:
+            a = a + bias
+        return (a.softmax(-1) @ split(v_)).transpose(1, 2).reshape(B, Lq, D)
+
+    x = F.conv2d(pixels, sd[v + "patch_embed.proj.weight"], sd[v + "patch_embed.proj.bias"], stride=P)
+    x = torch.cat([sd[v + "cls_token"].expand(len(x), 1, W), x.flatten(2).transpose(1, 2)], 1) + sd[v + "pos_embed"]
+    for i in range(IR_VISION["layers"]):
+        p = lambda k: sd[f"{v}blocks.{i}.{k}"]
+        h = F.layer_norm(x, (W,), p("norm1.weight"), p("norm1.bias"), 1e-6)
+        q, k, vv = F.linear(h, p("attn.qkv.weight"), p("attn.qkv.bias")).chunk(3, -1)
+        x = x + F.linear(attend(q, k, vv, heads), p("attn.proj.weight"), p("attn.proj.bias"))
+        h = F.layer_norm(x, (W,), p("norm2.weight"), p("norm2.bias"), 1e-6)
+        x = x + F.linear(F.gelu(F.linear(h, p("mlp.fc1.weight"), p("mlp.fc1.bias"))), p("mlp.fc2.weight"), p("mlp.fc2.bias"))
+    image = F.layer_norm(x, (W,), sd[v + "norm.weight"], sd[v + "norm.bias"], 1e-6)
+    H = MED["hidden_size"]
+    ln = lambda x, k: F.layer_norm(x, (H,), sd[k + ".weight"], sd[k + ".bias"], 1e-12)
+    lin = lambda x, k: F.linear(x, sd[k + ".weight"], sd[k + ".bias"])
+    y = ln(sd[t + "embeddings.word_embeddings.weight"][ids] + sd[t + "embeddings.position_embeddings.weight"][:ids.shape[1]],
+           t + "embeddings.LayerNorm")
+    bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    for i in range(MED["num_hidden_layers"]):
+        b = f"{t}encoder.layer.{i}."
+        a = attend(lin(y, b + "attention.self.query"), lin(y, b + "attention.self.key"), lin(y, b + "attention.self.value"),
+                   MED["num_attention_heads"], bias)
+        y = ln(y + lin(a, b + "attention.output.dense"), b + "attention.output.LayerNorm")
+        c = attend(lin(y, b + "crossattention.self.query"), lin(image, b + "crossattention.self.key"),
+                   lin(image, b + "crossattention.self.value"), MED["num_attention_heads"])
+        y = ln(y + lin(c, b + "crossattention.output.dense"), b + "crossattention.output.LayerNorm")
+        y = ln(y + lin(F.gelu(lin(y, b + "intermediate.dense")), b + "output.dense"), b + "output.LayerNorm")
+    r = y[:, 0].float()                            # ImageReward: txt_features.float() into the float32 head
+    for i in (0, 2, 4, 6, 7):                      # no activations between the head's layers
+        r = F.linear(r, sd[f"mlp.layers.{i}.weight"].float(), sd[f"mlp.layers.{i}.bias"].float())
+    return (r.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
+
+
+def test_reward_image_reward_head_and_normalisation():
+    """The head is the 768→1024→128→64→16→1 stack without activations (so it is one affine map), and the score is
+    (r − 0.16717362830052426) / 1.0333394966054072."""
+    head = reward.AestheticMLP(768).eval()
+    assert [tuple(m.weight.shape) for m in head.layers if isinstance(m, torch.nn.Linear)] == \
+        [(1024, 768), (128, 1024), (64, 128), (16, 64), (1, 16)]
+    x = torch.randn(5, 768, dtype=torch.float64)
+    head = head.double()
+    lin = lambda m, z: z @ m.weight.T + m.bias
+    ref = x
+    for i in (0, 2, 4, 6, 7):
+        ref = lin(head.layers[i], ref)
+    torch.testing.assert_close(head(x), ref)
+    affine = head(x[:1] * 0) + (head(x[:1]) - head(x[:1] * 0)) * 2    # f(2x) = f(0) + 2(f(x) − f(0)): no activation
+    torch.testing.assert_close(head(x[:1] * 2), affine)
+    raw = torch.tensor([0.16717362830052426, 1.2005131249059315])
+    torch.testing.assert_close(reward.imagereward_normalise(raw), torch.tensor([0.0, 1.0]))
+
+
+def test_reward_image_reward_matches_its_sources_on_random_weights(tiny_imagereward):
+    """ImageReward.pt mapped onto transformers' BLIP classes scores exactly like ImageReward's code written out in
+    torch (BLIP's ViT, the med BERT cross-attending to every image token, the [CLS] state, the head, the
+    normalisation), with 224-px inputs so no resize is involved."""
+    from transformers import AutoTokenizer
+    images = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    prompts = ["a photo of a red cat", "two dog", "a blue cat"]
+    out = reward.build("image_reward", {"image_reward": tiny_imagereward}, dtype=torch.float64)(images, prompts)
+    out32 = reward.build("image_reward", {"image_reward": tiny_imagereward}, dtype=torch.float32)(images, prompts)
+    tok = AutoTokenizer.from_pretrained(tiny_imagereward)(prompts, padding="max_length", truncation=True,
+                                                          max_length=35, return_tensors="pt")
+    assert tok["input_ids"][0, 0].item() == IR_WORDS.index("[CLS]")
+    pix = (images - torch.tensor(reward.OPENAI_CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(reward.OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    sd = {k: v.double() if v.is_floating_point() else v for k, v in _imagereward_sd().items()}
+    ref = _reference_imagereward(sd, pix.double(), tok["input_ids"], tok["attention_mask"]).float()
+    assert out["image_reward"].std() > 0.01                      # the random head makes the scores differ
+    torch.testing.assert_close(out["image_reward"], ref, atol=1e-5, rtol=1e-5)    # float64 encoders, float32 head
+    torch.testing.assert_close(out32["image_reward"], ref, atol=5e-3, rtol=3e-3)  # everything in float32
+
+
+def test_reward_image_reward_exact_key_check(tiny_imagereward, tmp_path):
+    sd = _imagereward_sd()
+    med = dict(MED, vocab_size=len(IR_WORDS))
+    mapped, vision, text = reward.imagereward_to_transformers(sd, med, vision_heads=2)
+    assert vision.image_size == 224 and vision.num_attention_heads == 2 and text.encoder_hidden_size == 128
+    model = reward.ImageRewardModel(vision, text)
+    assert set(mapped) == set(model.state_dict())
+    with pytest.raises(ValueError, match="unexpected"):
+        reward.imagereward_to_transformers(dict(sd, **{"blip.text_decoder.weight": torch.zeros(1)}), med)
+    with pytest.raises(ValueError, match="missing"):
+        reward.imagereward_to_transformers({k: v for k, v in sd.items() if k != "blip.visual_encoder.norm.bias"}, med)
+    bad = dict(sd, **{"blip.text_encoder.encoder.layer.0.extra.weight": torch.zeros(1)})
+    torch.save(bad, tmp_path / "ImageReward.pt")
+    (tmp_path / "med_config.json").write_text(json.dumps(med))
+    with pytest.raises(ValueError, match="unexpected.*extra"):
+        reward.load_imagereward(str(tmp_path), tiny_imagereward)
+    with pytest.raises(FileNotFoundError, match="THUDM/ImageReward"):
+        reward.check_paths("image_reward", {})
+    os.remove(tmp_path / "med_config.json")
+    with pytest.raises(FileNotFoundError, match="lacks med_config.json"):
+        reward.check_paths("image_reward", {"image_reward": str(tmp_path), "image_reward_tokenizer": tiny_imagereward})
+
+
+def test_reward_image_reward_matches_the_image_reward_package(tiny_imagereward, tmp_path):
+    """Against THUDM's image-reward package on the same random weights (its BLIP ViT swapped for the tiny one, its
+    tokenizer for the local one: both download otherwise). Skipped when the package is absent."""
+    import importlib.util
+    if importlib.util.find_spec("ImageReward") is None:
+        pytest.skip("image-reward is not installed; pip install image-reward runs only beside transformers < 5 (its "
+                    "med.py imports helpers transformers 5 removed) with openai-clip and setuptools < 81 added by hand")
+    import ImageReward.models.BLIP.blip_pretrain as bp
+    from ImageReward.models.BLIP.vit import VisionTransformer
+    from ImageReward.ImageReward import ImageReward
+    from transformers import BertTokenizer
+    bp.init_tokenizer = lambda: BertTokenizer.from_pretrained(tiny_imagereward)
+    bp.create_vit = lambda vit, size, *a, **k: (VisionTransformer(
+        img_size=size, patch_size=IR_VISION["patch"], embed_dim=IR_VISION["width"], depth=IR_VISION["layers"],
+        num_heads=IR_VISION["heads"]), IR_VISION["width"])
+    ref = ImageReward(os.path.join(tiny_imagereward, "med_config.json"), device="cpu")
+    missing, unexpected = ref.load_state_dict(_imagereward_sd(), strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing)
+    ref.eval()
+    images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    prompts = ["a photo of a red cat", "two blue dog"]
+    files = []
+    for i, arr in enumerate(EV.to_uint8(images)):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(arr).save(files[-1])
+    with torch.no_grad():
+        expected = [ref.score(p, f) for p, f in zip(prompts, files)]
+    loaded = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1).float() / 255 for f in files])
+    out = reward.build("image_reward", {"image_reward": tiny_imagereward}, dtype=torch.float32)(loaded, prompts)
+    torch.testing.assert_close(out["image_reward"], torch.tensor(expected), atol=2e-4, rtol=1e-4)
+
+
+def test_reward_grounding_dino_detector_on_tiny_weights(tmp_path):
+    """build_detector("grounding_dino") runs transformers' Grounding DINO (tiny random weights, real classes and files)
+    with the prompt as caption and returns Detections with pixel boxes inside the image."""
+    from transformers import (BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "photo", "of", "red", "cat", "dog"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = BertTokenizer(str(tmp_path / "vocab.txt"))
+    cfg = GroundingDinoConfig(
+        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                                   window_size=2, out_features=["stage2", "stage3", "stage4"]),
+        text_config=dict(model_type="bert", vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=16, max_position_embeddings=32),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=6, num_feature_levels=3, encoder_n_points=1,
+        decoder_n_points=1, max_text_len=32)
+    torch.manual_seed(0)
+    d = str(tmp_path / "gdino")
+    GroundingDinoForObjectDetection(cfg).save_pretrained(d)
+    GroundingDinoProcessor(GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}), tok).save_pretrained(d)
+    detect = reward.build_detector("grounding_dino", {"grounding_dino": d})
+    det = reward.load_grounding_dino(d)
+    det.box_threshold = det.text_threshold = 0.0          # keep every query of the random model
+    images = _images(8, b=2, h=40, w=56)
+    out = detect(images, ["a photo of a red cat", "a dog"])
+    assert len(out) == 2 and all(len(ds) == cfg.num_queries for ds in out)
+    for ds in out:
+        assert [x.score for x in ds] == sorted((x.score for x in ds), reverse=True)
+        for x in ds:
+            assert isinstance(x, Detection) and 0 <= x.score <= 1 and len(x.box) == 4
+            assert -1e-3 <= x.box[0] <= x.box[2] <= 56 + 1e-3 and -1e-3 <= x.box[1] <= x.box[3] <= 40 + 1e-3
+    assert reward.grounding_caption("A Red Cat") == "a red cat." and reward.grounding_caption("a dog.") == "a dog."
+
+
 # ==============================================================================================================
 # data/shapes/world.py: renderer, prompts, detector, its shapes rewards, tokenizer
 # ==============================================================================================================
@@ -2693,6 +2993,140 @@ def test_train_e2e_ddp_inf_on_one_rank_skips_the_step_on_every_rank(tiny_root, t
 
 
 # ==============================================================================================================
+# evaluate.py: diversity metrics (PVS, SDI, CLIP), the run, and its agreement with train.py's evaluations
+# ==============================================================================================================
+
+# ------------------------------------------------------------------------------------- diversity metrics
+def _solid(rgb, h=8, w=8):
+    return torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1).expand(3, h, w).clone()
+
+
+def test_evaluate_pvs_hand_computed_and_zero_for_identical_images():
+    """Red (S 1, V 1, grey std 0), black (S 0, V 0, std 0), a black/white checkerboard (S 0, V 0.5, grey std 0.5):
+    PVS = std(1, 0, 0) + std(1, 0, 0.5) + std(0, 0, 0.5), population stds."""
+    checker = torch.zeros(3, 8, 8)
+    checker[:, ::2, ::2] = 1
+    checker[:, 1::2, 1::2] = 1
+    images = torch.stack([_solid([1, 0, 0]), _solid([0, 0, 0]), checker])
+    expected = np.std([1, 0, 0]) + np.std([1, 0, 0.5]) + np.std([0, 0, 0.5])
+    assert EV.pvs(images) == pytest.approx(expected, abs=1e-12)
+    assert EV.pvs(images[:2]) == pytest.approx(1.0)                 # 0.5 + 0.5 + 0
+    same = _images(1, b=1, h=16, w=16).expand(4, 3, 16, 16)
+    assert EV.pvs(same) == 0.0
+
+
+def test_evaluate_hungarian_matches_brute_force():
+    import itertools
+    rng = np.random.default_rng(0)
+    for n, m in [(1, 1), (2, 3), (3, 3), (4, 2), (5, 5), (3, 6)]:
+        cost = rng.random((n, m))
+        pairs = EV.hungarian(cost)
+        assert len(pairs) == min(n, m) and len({r for r, _ in pairs}) == len({c for _, c in pairs}) == min(n, m)
+        if n <= m:
+            best = min(sum(cost[i, p[i]] for i in range(n)) for p in itertools.permutations(range(m), n))
+        else:
+            best = min(sum(cost[p[j], j] for j in range(m)) for p in itertools.permutations(range(n), m))
+        assert sum(cost[r, c] for r, c in pairs) == pytest.approx(best)
+
+
+def test_evaluate_sdi_for_known_boxes():
+    a = [(0, 0, 10, 10), (20, 20, 30, 30)]
+    shifted = [(25, 20, 35, 30), (0, 0, 10, 10)]        # the same boxes listed the other way round, one moved by 5
+    assert EV.iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert EV.layout_similarity(a, a) == 1.0
+    assert EV.layout_similarity(a, shifted) == pytest.approx((1 + 50 / 150) / 2)   # Hungarian pairs them correctly
+    assert EV.layout_similarity(a, a[:1]) == pytest.approx(0.5)                     # / max(#boxes)
+    assert EV.layout_similarity([], []) == 1.0 and EV.layout_similarity(a, []) == 0.0
+    assert EV.sdi([a, a, a]) == 0.0                                                 # identical layouts: no diversity
+    assert EV.sdi([a, shifted, []]) == pytest.approx(1 - ((1 + 50 / 150) / 2 + 0 + 0) / 3)
+
+
+def test_evaluate_clip_cosine_and_identical_images(tiny_rewards):
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert EV.mean_pairwise_cosine(e) == pytest.approx((0 + 2 * 2 ** -0.5) / 3)
+    clip = reward.load_clip(tiny_rewards["clip_l"])
+    with clip.lock:
+        same = clip.image_embeds(_images(2, b=1).expand(3, 3, 48, 64))
+    assert EV.mean_pairwise_cosine(same) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------- evaluate.py end to end
+@pytest.fixture(scope="module")
+def two_step_world_run(tmp_path_factory):
+    """train.py on the shipped world for two steps, evaluating 3 held-out prompts × 2 images (4 Euler steps) before
+    and after; its EMA LoRA is what evaluate.py gets."""
+    out = tmp_path_factory.mktemp("world_run")
+    train.train(dict(out_dir=str(out), max_steps=2, prompts_per_step=2, emb_steps=5, eval_every=2, eval_num_prompts=3,
+                     eval_num_images=2, eval_sample_steps=4, log_images_every=0, save_every=0))
+    return out, [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+def test_evaluate_end_to_end_matches_the_runs_own_evaluations(two_step_world_run, tmp_path, capsys):
+    """`python evaluate.py --lora run/lora_ema.safetensors` on the shipped world: the base row's GenEval equals
+    train.py's step-0 evaluation and the LoRA row's equals its final (EMA) evaluation, per tag and overall, because
+    both draw the noise keyed by (prompt, image); the files, the table and the diversity columns are there."""
+    run, log = two_step_world_run
+    rows = EV.main(["--lora", f"e2po={run / 'lora_ema.safetensors'}", "--num_prompts", "3", "--num_images", "2",
+                    "--steps", "4", "--out", str(tmp_path)])
+    assert [r["name"] for r in rows] == ["base", "e2po"]
+    for row, logged in zip(rows, (log[0], log[-1])):
+        strict = row["geneval"]["strict"]
+        assert strict["overall"] == logged["eval_shapes_strict"]
+        for tag, value in strict.items():
+            if tag != "overall":
+                assert value == logged[f"eval_shapes_strict_{tag}"], tag
+        assert np.mean(row["per_prompt"]["geneval_partial"]) == pytest.approx(logged["eval_reward"], abs=1e-12)
+        assert 0 <= row["diversity"]["sdi"] <= 1 and row["diversity"]["pvs"] >= 0
+    for f in ("results.md", "results.json", "grid_base.png", "grid_e2po.png", "images/base/0/0.png",
+              "images/e2po/2/1.png"):
+        assert (tmp_path / f).is_file(), f
+    assert Image.open(tmp_path / "images/base/0/0.png").size == (64, 64)
+    assert Image.open(tmp_path / "grid_base.png").size == (2 * 64, 3 * 64)
+    text = (tmp_path / "results.md").read_text()
+    assert "| model | GenEval ↑ | SDI ↑ | PVS ↑ |" in text and "| e2po |" in text
+    assert "PickScore skipped" in text and "yuvalkirstain/PickScore_v1" in text and "IDS" in text
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"][1]["geneval"] == rows[1]["geneval"] and saved["settings"]["steps"] == 4
+    assert "| base |" in capsys.readouterr().out
+
+
+def test_evaluate_scores_every_available_metric_and_clip_diversity(tiny_rewards, tmp_path):
+    """With reward paths, the reward and CLIP columns appear (tiny random CLIP/PickScore/aesthetic models); identical
+    images of one prompt would have CLIP sim 1; ocr_got is skipped for prompts without quotes; bad input fails before
+    any model loads."""
+    paths = tmp_path / "paths.json"
+    paths.write_text(json.dumps(tiny_rewards))
+    rows = EV.main(["--num_prompts", "2", "--num_images", "2", "--steps", "2", "--out", str(tmp_path / "o"),
+                    "--reward_paths", str(paths), "--rewards", "pickscore", "clipscore", "aesthetic", "ocr_got"])
+    r = rows[0]
+    assert set(r["rewards"]) == {"pickscore", "pickscore_raw", "clipscore", "aesthetic"}
+    assert r["rewards"]["pickscore_raw"] == pytest.approx(26 * r["rewards"]["pickscore"])
+    assert -1 <= r["diversity"]["clip_sim"] <= 1
+    text = (tmp_path / "o" / "results.md").read_text()
+    assert "PickScore ↑" in text and "CLIP sim ↓" in text and "OCR (GOT) skipped" in text
+    with pytest.raises(FileNotFoundError, match="--lora"):
+        EV.main(["--lora", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="unknown reward"):
+        EV.main(["--rewards", "nope", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--prompts"):
+        EV.main(["--weights", model.DEFAULT_WEIGHTS, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+def test_evaluate_layout_detector_comes_from_the_registered_module(monkeypatch):
+    """SDI's detector is the one the GenEval reward registered (the world lends its numpy detector without evaluate.py
+    importing data/); without one it is Grounding DINO, which names its weights when they are missing."""
+    cfg = EV.check_settings(EV.parse_args(["--num_prompts", "1", "--num_images", "2"]))
+    assert cfg.detector == "shapes" and "shapes" in reward.DETECTORS
+    images = world.render_batch(world.load_prompts("test")[:2], seed=0)
+    assert [[d.box for d in ds] for ds in reward.build_detector("shapes")(images, ["a", "b"])] == \
+        [[d.box for d in ds] for ds in world.detect(images)]
+    cfg = EV.check_settings(EV.parse_args(["--num_prompts", "1", "--num_images", "2", "--layout_detector",
+                                           "grounding_dino"]))
+    assert cfg.detector is None and any("IDEA-Research/grounding-dino-tiny" in n for n in cfg.notes)
+
+
+# ==============================================================================================================
 # bench.py: FLOP counter and one repeat of every row with its agreement checks
 # ==============================================================================================================
 
@@ -2758,436 +3192,3 @@ def test_compare_gives_every_method_the_same_budget_and_reports_seed_statistics(
     assert "before training (base model, every method and seed): 0.100 ± 0.000" in text
     compare.plot({"e2po": runs}, tmp_path / "c.png")
     assert Image.open(tmp_path / "c.png").size[0] == 3 * 420
-
-
-# ==== issue 19: evaluate.py and its metrics ====
-import evaluate as EV
-
-
-# ------------------------------------------------------------------------------------- diversity metrics
-def _solid(rgb, h=8, w=8):
-    return torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1).expand(3, h, w).clone()
-
-
-def test_evaluate_pvs_hand_computed_and_zero_for_identical_images():
-    """Red (S 1, V 1, grey std 0), black (S 0, V 0, std 0), a black/white checkerboard (S 0, V 0.5, grey std 0.5):
-    PVS = std(1, 0, 0) + std(1, 0, 0.5) + std(0, 0, 0.5), population stds."""
-    checker = torch.zeros(3, 8, 8)
-    checker[:, ::2, ::2] = 1
-    checker[:, 1::2, 1::2] = 1
-    images = torch.stack([_solid([1, 0, 0]), _solid([0, 0, 0]), checker])
-    expected = np.std([1, 0, 0]) + np.std([1, 0, 0.5]) + np.std([0, 0, 0.5])
-    assert EV.pvs(images) == pytest.approx(expected, abs=1e-12)
-    assert EV.pvs(images[:2]) == pytest.approx(1.0)                 # 0.5 + 0.5 + 0
-    same = _images(1, b=1, h=16, w=16).expand(4, 3, 16, 16)
-    assert EV.pvs(same) == 0.0
-
-
-def test_evaluate_hungarian_matches_brute_force():
-    import itertools
-    rng = np.random.default_rng(0)
-    for n, m in [(1, 1), (2, 3), (3, 3), (4, 2), (5, 5), (3, 6)]:
-        cost = rng.random((n, m))
-        pairs = EV.hungarian(cost)
-        assert len(pairs) == min(n, m) and len({r for r, _ in pairs}) == len({c for _, c in pairs}) == min(n, m)
-        if n <= m:
-            best = min(sum(cost[i, p[i]] for i in range(n)) for p in itertools.permutations(range(m), n))
-        else:
-            best = min(sum(cost[p[j], j] for j in range(m)) for p in itertools.permutations(range(n), m))
-        assert sum(cost[r, c] for r, c in pairs) == pytest.approx(best)
-
-
-def test_evaluate_sdi_for_known_boxes():
-    a = [(0, 0, 10, 10), (20, 20, 30, 30)]
-    shifted = [(25, 20, 35, 30), (0, 0, 10, 10)]        # the same boxes listed the other way round, one moved by 5
-    assert EV.iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
-    assert EV.layout_similarity(a, a) == 1.0
-    assert EV.layout_similarity(a, shifted) == pytest.approx((1 + 50 / 150) / 2)   # Hungarian pairs them correctly
-    assert EV.layout_similarity(a, a[:1]) == pytest.approx(0.5)                     # / max(#boxes)
-    assert EV.layout_similarity([], []) == 1.0 and EV.layout_similarity(a, []) == 0.0
-    assert EV.sdi([a, a, a]) == 0.0                                                 # identical layouts: no diversity
-    assert EV.sdi([a, shifted, []]) == pytest.approx(1 - ((1 + 50 / 150) / 2 + 0 + 0) / 3)
-
-
-def test_evaluate_clip_cosine_and_identical_images(tiny):
-    e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    assert EV.mean_pairwise_cosine(e) == pytest.approx((0 + 2 * 2 ** -0.5) / 3)
-    clip = reward.load_clip(tiny["clip_l"])
-    with clip.lock:
-        same = clip.image_embeds(_images(2, b=1).expand(3, 3, 48, 64))
-    assert EV.mean_pairwise_cosine(same) == pytest.approx(1.0)
-
-
-# ------------------------------------------------------------------------------------- OCR metric and GOT-OCR
-def test_reward_ocr_metric_cases():
-    assert reward.quoted_text('a neon sign that says "Hello World" at night') == "Hello World"
-    assert reward.quoted_text('a sign "open') == "open"                     # Flow-GRPO: split('"')[1]
-    for bad in ("no quotes here", 'empty "" quotes', 'spaces "  " only'):
-        with pytest.raises(ValueError, match="double quotes"):
-            reward.quoted_text(bad)
-    assert reward.levenshtein("kitten", "sitting") == 3 and reward.levenshtein("", "abc") == 3
-    assert reward.ocr_score("HELLO world", "hello world") == 1.0            # case and spaces ignored
-    assert reward.ocr_score("xx hello world yy", "Hello World") == 1.0      # contained: distance 0
-    assert reward.ocr_score("helo world", "hello world") == pytest.approx(1 - 1 / 10)
-    assert reward.ocr_score("", "abcd") == 0.0
-    assert reward.ocr_score("zzzzzzzzzzzzzz", "abc") == 0.0                 # distance capped at len(target)
-    with pytest.raises(ValueError):
-        reward.ocr_score("abc", " ")
-
-
-def _byte_level_tokenizer(special):
-    """A byte-level BPE fast tokenizer with no merges plus `special` tokens (Qwen2-like, for GOT-OCR)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    from transformers import PreTrainedTokenizerFast
-    chars = pre_tokenizers.ByteLevel.alphabet()
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(chars))}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.add_special_tokens({"additional_special_tokens": special})
-    return fast
-
-
-@pytest.fixture(scope="module")
-def tiny_got_ocr(tmp_path_factory):
-    from transformers import (GotOcr2Config, GotOcr2ForConditionalGeneration, GotOcr2ImageProcessor,
-                              GotOcr2Processor)
-    d = str(tmp_path_factory.mktemp("got_ocr"))
-    tok = _byte_level_tokenizer(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<img>", "</img>", "<imgpad>"])
-    cfg = GotOcr2Config(
-        vision_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=1,
-                           image_size=32, patch_size=4, window_size=4, global_attn_indexes=[0], mlp_dim=16),
-        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=256, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>")),
-        image_token_index=tok.convert_tokens_to_ids("<imgpad>"), image_seq_length=4)
-    torch.manual_seed(0)
-    GotOcr2ForConditionalGeneration(cfg).save_pretrained(d)
-    GotOcr2Processor(GotOcr2ImageProcessor(size={"height": 32, "width": 32}), tok).save_pretrained(d)
-    return d
-
-
-def test_reward_ocr_got_on_a_tiny_model(tiny_got_ocr, monkeypatch):
-    """The "ocr_got" reward runs transformers' GOT-OCR 2.0 (random tiny weights, the real classes and files) and scores
-    what it reads with ocr_score against the quoted text; a prompt without quotes fails before the OCR runs."""
-    monkeypatch.setattr(reward, "OCR_MAX_NEW_TOKENS", 6)
-    ocr = reward.load_got_ocr(tiny_got_ocr, max_new_tokens=6)
-    images, prompts = _images(7, b=2, h=40, w=40), ['a sign saying "cat"', 'a board with "hello there" on it']
-    texts = ocr(images)
-    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
-    out = reward.build("ocr_got", {"got_ocr": tiny_got_ocr})(images, prompts)
-    expected = [reward.ocr_score(t, reward.quoted_text(p)) for t, p in zip(texts, prompts)]
-    assert out["ocr_got"].tolist() == pytest.approx(expected) and all(0 <= s <= 1 for s in expected)
-    with pytest.raises(ValueError, match="double quotes"):
-        reward.build("ocr_got", {"got_ocr": tiny_got_ocr})(images, ["no quotes", "none"])
-    with pytest.raises(FileNotFoundError, match="stepfun-ai/GOT-OCR-2.0-hf"):
-        reward.check_paths("ocr_got", {})
-
-
-# ------------------------------------------------------------------------------------- ImageReward
-MED = dict(architectures=["BertModel"], attention_probs_dropout_prob=0.1, hidden_act="gelu", hidden_dropout_prob=0.1,
-           hidden_size=768, initializer_range=0.02, intermediate_size=64, layer_norm_eps=1e-12,
-           max_position_embeddings=40, model_type="bert", num_attention_heads=12, num_hidden_layers=1, pad_token_id=0,
-           type_vocab_size=2, encoder_width=768, add_cross_attention=True)
-IR_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "red", "cat", "dog", "blue", "two"]
-IR_VISION = dict(width=128, layers=2, heads=2, patch=32, size=224)   # ImageReward's 224 px; heads = width // 64
-
-
-def _imagereward_sd(seed=0, vocab=len(IR_WORDS)):
-    """A random ImageReward.pt state dict in the package's layout (BLIP ViT blip.visual_encoder.*, med BERT
-    blip.text_encoder.*, BLIP's unused projections, the head mlp.layers.*)."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g) * 0.05
-    W, L, P, S, H = IR_VISION["width"], IR_VISION["layers"], IR_VISION["patch"], IR_VISION["size"], MED["hidden_size"]
-    v = "blip.visual_encoder."
-    sd = {v + "cls_token": r(1, 1, W), v + "pos_embed": r(1, (S // P) ** 2 + 1, W),
-          v + "patch_embed.proj.weight": r(W, 3, P, P), v + "patch_embed.proj.bias": r(W),
-          v + "norm.weight": 1 + r(W), v + "norm.bias": r(W)}
-    for i in range(L):
-        b = f"{v}blocks.{i}."
-        for n, shape in (("norm1", (W,)), ("norm2", (W,))):
-            sd[b + n + ".weight"], sd[b + n + ".bias"] = 1 + r(*shape), r(*shape)
-        for n, (o, k) in (("attn.qkv", (3 * W, W)), ("attn.proj", (W, W)), ("mlp.fc1", (4 * W, W)), ("mlp.fc2", (W, 4 * W))):
-            sd[b + n + ".weight"], sd[b + n + ".bias"] = r(o, k), r(o)
-    t = "blip.text_encoder."
-    sd[t + "embeddings.word_embeddings.weight"] = r(vocab, H)
-    sd[t + "embeddings.position_embeddings.weight"] = r(MED["max_position_embeddings"], H)
-    sd[t + "embeddings.LayerNorm.weight"], sd[t + "embeddings.LayerNorm.bias"] = 1 + r(H), r(H)
-    sd[t + "embeddings.position_ids"] = torch.arange(MED["max_position_embeddings"]).view(1, -1)
-    for i in range(MED["num_hidden_layers"]):
-        b = f"{t}encoder.layer.{i}."
-        for att, kv in (("attention", H), ("crossattention", W)):
-            sd[b + att + ".self.query.weight"], sd[b + att + ".self.query.bias"] = r(H, H), r(H)
-            for n in ("key", "value"):
-                sd[b + f"{att}.self.{n}.weight"], sd[b + f"{att}.self.{n}.bias"] = r(H, kv), r(H)
-            sd[b + att + ".output.dense.weight"], sd[b + att + ".output.dense.bias"] = r(H, H), r(H)
-            sd[b + att + ".output.LayerNorm.weight"], sd[b + att + ".output.LayerNorm.bias"] = 1 + r(H), r(H)
-        sd[b + "intermediate.dense.weight"], sd[b + "intermediate.dense.bias"] = r(MED["intermediate_size"], H), r(MED["intermediate_size"])
-        sd[b + "output.dense.weight"], sd[b + "output.dense.bias"] = r(H, MED["intermediate_size"]), r(H)
-        sd[b + "output.LayerNorm.weight"], sd[b + "output.LayerNorm.bias"] = 1 + r(H), r(H)
-    sd["blip.vision_proj.weight"], sd["blip.vision_proj.bias"] = r(256, W), r(256)
-    sd["blip.text_proj.weight"], sd["blip.text_proj.bias"] = r(256, H), r(256)
-    for i, (o, k) in zip((0, 2, 4, 6, 7), ((1024, H), (128, 1024), (64, 128), (16, 64), (1, 16))):
-        sd[f"mlp.layers.{i}.weight"], sd[f"mlp.layers.{i}.bias"] = r(o, k) * 2, r(o)
-    return sd
-
-
-@pytest.fixture(scope="module")
-def tiny_imagereward(tmp_path_factory):
-    """A folder like THUDM/ImageReward's download (ImageReward.pt + med_config.json) with a BERT vocab.txt beside it."""
-    from transformers import BertTokenizer
-    d = tmp_path_factory.mktemp("image_reward")
-    med = dict(MED, vocab_size=len(IR_WORDS))
-    (d / "med_config.json").write_text(json.dumps(med))
-    torch.save(_imagereward_sd(), d / "ImageReward.pt")
-    (d / "vocab.txt").write_text("\n".join(IR_WORDS) + "\n")
-    BertTokenizer(str(d / "vocab.txt")).save_pretrained(str(d))
-    return str(d)
-
-
-def _reference_imagereward(sd, pixels, ids, mask):
-    """ImageReward's score written out from its sources (BLIP vit.py, med.py, ImageReward.py) in plain torch."""
-    v, t = "blip.visual_encoder.", "blip.text_encoder."
-    W, P, heads = IR_VISION["width"], IR_VISION["patch"], IR_VISION["heads"]
-
-    def attend(q, k, v_, n_heads, bias=None):
-        B, Lq, D = q.shape
-        split = lambda x: x.view(B, x.shape[1], n_heads, D // n_heads).transpose(1, 2)
-        a = split(q) @ split(k).transpose(-1, -2) / math.sqrt(D // n_heads)
-        if bias is not None:
-            a = a + bias
-        return (a.softmax(-1) @ split(v_)).transpose(1, 2).reshape(B, Lq, D)
-
-    x = F.conv2d(pixels, sd[v + "patch_embed.proj.weight"], sd[v + "patch_embed.proj.bias"], stride=P)
-    x = torch.cat([sd[v + "cls_token"].expand(len(x), 1, W), x.flatten(2).transpose(1, 2)], 1) + sd[v + "pos_embed"]
-    for i in range(IR_VISION["layers"]):
-        p = lambda k: sd[f"{v}blocks.{i}.{k}"]
-        h = F.layer_norm(x, (W,), p("norm1.weight"), p("norm1.bias"), 1e-6)
-        q, k, vv = F.linear(h, p("attn.qkv.weight"), p("attn.qkv.bias")).chunk(3, -1)
-        x = x + F.linear(attend(q, k, vv, heads), p("attn.proj.weight"), p("attn.proj.bias"))
-        h = F.layer_norm(x, (W,), p("norm2.weight"), p("norm2.bias"), 1e-6)
-        x = x + F.linear(F.gelu(F.linear(h, p("mlp.fc1.weight"), p("mlp.fc1.bias"))), p("mlp.fc2.weight"), p("mlp.fc2.bias"))
-    image = F.layer_norm(x, (W,), sd[v + "norm.weight"], sd[v + "norm.bias"], 1e-6)
-    H = MED["hidden_size"]
-    ln = lambda x, k: F.layer_norm(x, (H,), sd[k + ".weight"], sd[k + ".bias"], 1e-12)
-    lin = lambda x, k: F.linear(x, sd[k + ".weight"], sd[k + ".bias"])
-    y = ln(sd[t + "embeddings.word_embeddings.weight"][ids] + sd[t + "embeddings.position_embeddings.weight"][:ids.shape[1]],
-           t + "embeddings.LayerNorm")
-    bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-    for i in range(MED["num_hidden_layers"]):
-        b = f"{t}encoder.layer.{i}."
-        a = attend(lin(y, b + "attention.self.query"), lin(y, b + "attention.self.key"), lin(y, b + "attention.self.value"),
-                   MED["num_attention_heads"], bias)
-        y = ln(y + lin(a, b + "attention.output.dense"), b + "attention.output.LayerNorm")
-        c = attend(lin(y, b + "crossattention.self.query"), lin(image, b + "crossattention.self.key"),
-                   lin(image, b + "crossattention.self.value"), MED["num_attention_heads"])
-        y = ln(y + lin(c, b + "crossattention.output.dense"), b + "crossattention.output.LayerNorm")
-        y = ln(y + lin(F.gelu(lin(y, b + "intermediate.dense")), b + "output.dense"), b + "output.LayerNorm")
-    r = y[:, 0].float()                            # ImageReward: txt_features.float() into the float32 head
-    for i in (0, 2, 4, 6, 7):                      # no activations between the head's layers
-        r = F.linear(r, sd[f"mlp.layers.{i}.weight"].float(), sd[f"mlp.layers.{i}.bias"].float())
-    return (r.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
-
-
-def test_reward_image_reward_head_and_normalisation():
-    """The head is the 768→1024→128→64→16→1 stack without activations (so it is one affine map), and the score is
-    (r − 0.16717362830052426) / 1.0333394966054072."""
-    head = reward.AestheticMLP(768).eval()
-    assert [tuple(m.weight.shape) for m in head.layers if isinstance(m, torch.nn.Linear)] == \
-        [(1024, 768), (128, 1024), (64, 128), (16, 64), (1, 16)]
-    x = torch.randn(5, 768, dtype=torch.float64)
-    head = head.double()
-    lin = lambda m, z: z @ m.weight.T + m.bias
-    ref = x
-    for i in (0, 2, 4, 6, 7):
-        ref = lin(head.layers[i], ref)
-    torch.testing.assert_close(head(x), ref)
-    affine = head(x[:1] * 0) + (head(x[:1]) - head(x[:1] * 0)) * 2    # f(2x) = f(0) + 2(f(x) − f(0)): no activation
-    torch.testing.assert_close(head(x[:1] * 2), affine)
-    raw = torch.tensor([0.16717362830052426, 1.2005131249059315])
-    torch.testing.assert_close(reward.imagereward_normalise(raw), torch.tensor([0.0, 1.0]))
-
-
-def test_reward_image_reward_matches_its_sources_on_random_weights(tiny_imagereward):
-    """ImageReward.pt mapped onto transformers' BLIP classes scores exactly like ImageReward's code written out in
-    torch (BLIP's ViT, the med BERT cross-attending to every image token, the [CLS] state, the head, the
-    normalisation), with 224-px inputs so no resize is involved."""
-    from transformers import AutoTokenizer
-    images = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(3))
-    prompts = ["a photo of a red cat", "two dog", "a blue cat"]
-    out = reward.build("image_reward", {"image_reward": tiny_imagereward}, dtype=torch.float64)(images, prompts)
-    out32 = reward.build("image_reward", {"image_reward": tiny_imagereward}, dtype=torch.float32)(images, prompts)
-    tok = AutoTokenizer.from_pretrained(tiny_imagereward)(prompts, padding="max_length", truncation=True,
-                                                          max_length=35, return_tensors="pt")
-    assert tok["input_ids"][0, 0].item() == IR_WORDS.index("[CLS]")
-    pix = (images - torch.tensor(reward.OPENAI_CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(reward.OPENAI_CLIP_STD).view(1, 3, 1, 1)
-    sd = {k: v.double() if v.is_floating_point() else v for k, v in _imagereward_sd().items()}
-    ref = _reference_imagereward(sd, pix.double(), tok["input_ids"], tok["attention_mask"]).float()
-    assert out["image_reward"].std() > 0.01                      # the random head makes the scores differ
-    torch.testing.assert_close(out["image_reward"], ref, atol=1e-5, rtol=1e-5)    # float64 encoders, float32 head
-    torch.testing.assert_close(out32["image_reward"], ref, atol=5e-3, rtol=3e-3)  # everything in float32
-
-
-def test_reward_image_reward_exact_key_check(tiny_imagereward, tmp_path):
-    sd = _imagereward_sd()
-    med = dict(MED, vocab_size=len(IR_WORDS))
-    mapped, vision, text = reward.imagereward_to_transformers(sd, med, vision_heads=2)
-    assert vision.image_size == 224 and vision.num_attention_heads == 2 and text.encoder_hidden_size == 128
-    model = reward.ImageRewardModel(vision, text)
-    assert set(mapped) == set(model.state_dict())
-    with pytest.raises(ValueError, match="unexpected"):
-        reward.imagereward_to_transformers(dict(sd, **{"blip.text_decoder.weight": torch.zeros(1)}), med)
-    with pytest.raises(ValueError, match="missing"):
-        reward.imagereward_to_transformers({k: v for k, v in sd.items() if k != "blip.visual_encoder.norm.bias"}, med)
-    bad = dict(sd, **{"blip.text_encoder.encoder.layer.0.extra.weight": torch.zeros(1)})
-    torch.save(bad, tmp_path / "ImageReward.pt")
-    (tmp_path / "med_config.json").write_text(json.dumps(med))
-    with pytest.raises(ValueError, match="unexpected.*extra"):
-        reward.load_imagereward(str(tmp_path), tiny_imagereward)
-    with pytest.raises(FileNotFoundError, match="THUDM/ImageReward"):
-        reward.check_paths("image_reward", {})
-    os.remove(tmp_path / "med_config.json")
-    with pytest.raises(FileNotFoundError, match="lacks med_config.json"):
-        reward.check_paths("image_reward", {"image_reward": str(tmp_path), "image_reward_tokenizer": tiny_imagereward})
-
-
-def test_reward_image_reward_matches_the_image_reward_package(tiny_imagereward, tmp_path):
-    """Against THUDM's image-reward package on the same random weights (its BLIP ViT swapped for the tiny one, its
-    tokenizer for the local one: both download otherwise). Skipped when the package is absent."""
-    import importlib.util
-    if importlib.util.find_spec("ImageReward") is None:
-        pytest.skip("image-reward is not installed; pip install image-reward runs only beside transformers < 5 (its "
-                    "med.py imports helpers transformers 5 removed) with openai-clip and setuptools < 81 added by hand")
-    import ImageReward.models.BLIP.blip_pretrain as bp
-    from ImageReward.models.BLIP.vit import VisionTransformer
-    from ImageReward.ImageReward import ImageReward
-    from transformers import BertTokenizer
-    bp.init_tokenizer = lambda: BertTokenizer.from_pretrained(tiny_imagereward)
-    bp.create_vit = lambda vit, size, *a, **k: (VisionTransformer(
-        img_size=size, patch_size=IR_VISION["patch"], embed_dim=IR_VISION["width"], depth=IR_VISION["layers"],
-        num_heads=IR_VISION["heads"]), IR_VISION["width"])
-    ref = ImageReward(os.path.join(tiny_imagereward, "med_config.json"), device="cpu")
-    missing, unexpected = ref.load_state_dict(_imagereward_sd(), strict=False)
-    assert not unexpected and all(k.endswith("position_ids") for k in missing)
-    ref.eval()
-    images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
-    prompts = ["a photo of a red cat", "two blue dog"]
-    files = []
-    for i, arr in enumerate(EV.to_uint8(images)):
-        files.append(str(tmp_path / f"{i}.png"))
-        Image.fromarray(arr).save(files[-1])
-    with torch.no_grad():
-        expected = [ref.score(p, f) for p, f in zip(prompts, files)]
-    loaded = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1).float() / 255 for f in files])
-    out = reward.build("image_reward", {"image_reward": tiny_imagereward}, dtype=torch.float32)(loaded, prompts)
-    torch.testing.assert_close(out["image_reward"], torch.tensor(expected), atol=2e-4, rtol=1e-4)
-
-
-# ------------------------------------------------------------------------------------- evaluate.py end to end
-@pytest.fixture(scope="module")
-def two_step_world_run(tmp_path_factory):
-    """train.py on the shipped world for two steps, evaluating 3 held-out prompts × 2 images (4 Euler steps) before
-    and after; its EMA LoRA is what evaluate.py gets."""
-    out = tmp_path_factory.mktemp("world_run")
-    train.train(dict(out_dir=str(out), max_steps=2, prompts_per_step=2, emb_steps=5, eval_every=2, eval_num_prompts=3,
-                     eval_num_images=2, eval_sample_steps=4, log_images_every=0, save_every=0))
-    return out, [json.loads(line) for line in open(out / "log.jsonl")]
-
-
-def test_evaluate_end_to_end_on_the_world_equals_train_evaluations(two_step_world_run, tmp_path, capsys):
-    """`python evaluate.py --lora run/lora_ema.safetensors` on the shipped world: the base row's GenEval equals
-    train.py's step-0 evaluation and the LoRA row's equals its final (EMA) evaluation, per tag and overall, because
-    both draw the noise keyed by (prompt, image); the files, the table and the diversity columns are there."""
-    run, log = two_step_world_run
-    rows = EV.main(["--lora", f"e2po={run / 'lora_ema.safetensors'}", "--num_prompts", "3", "--num_images", "2",
-                    "--steps", "4", "--out", str(tmp_path)])
-    assert [r["name"] for r in rows] == ["base", "e2po"]
-    for row, logged in zip(rows, (log[0], log[-1])):
-        strict = row["geneval"]["strict"]
-        assert strict["overall"] == logged["eval_shapes_strict"]
-        for tag, value in strict.items():
-            if tag != "overall":
-                assert value == logged[f"eval_shapes_strict_{tag}"], tag
-        assert np.mean(row["per_prompt"]["geneval_partial"]) == pytest.approx(logged["eval_reward"], abs=1e-12)
-        assert 0 <= row["diversity"]["sdi"] <= 1 and row["diversity"]["pvs"] >= 0
-    for f in ("results.md", "results.json", "grid_base.png", "grid_e2po.png", "images/base/0/0.png",
-              "images/e2po/2/1.png"):
-        assert (tmp_path / f).is_file(), f
-    assert Image.open(tmp_path / "images/base/0/0.png").size == (64, 64)
-    assert Image.open(tmp_path / "grid_base.png").size == (2 * 64, 3 * 64)
-    text = (tmp_path / "results.md").read_text()
-    assert "| model | GenEval ↑ | SDI ↑ | PVS ↑ |" in text and "| e2po |" in text
-    assert "PickScore skipped" in text and "yuvalkirstain/PickScore_v1" in text and "IDS" in text
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["rows"][1]["geneval"] == rows[1]["geneval"] and saved["settings"]["steps"] == 4
-    assert "| base |" in capsys.readouterr().out
-
-
-def test_evaluate_scores_available_rewards_and_clip_diversity(tiny, tmp_path):
-    """With reward paths, the reward and CLIP columns appear (tiny random CLIP/PickScore/aesthetic models); identical
-    images of one prompt would have CLIP sim 1; ocr_got is skipped for prompts without quotes; bad input fails before
-    any model loads."""
-    paths = tmp_path / "paths.json"
-    paths.write_text(json.dumps(tiny))
-    rows = EV.main(["--num_prompts", "2", "--num_images", "2", "--steps", "2", "--out", str(tmp_path / "o"),
-                    "--reward_paths", str(paths), "--rewards", "pickscore", "clipscore", "aesthetic", "ocr_got"])
-    r = rows[0]
-    assert set(r["rewards"]) == {"pickscore", "pickscore_raw", "clipscore", "aesthetic"}
-    assert r["rewards"]["pickscore_raw"] == pytest.approx(26 * r["rewards"]["pickscore"])
-    assert -1 <= r["diversity"]["clip_sim"] <= 1
-    text = (tmp_path / "o" / "results.md").read_text()
-    assert "PickScore ↑" in text and "CLIP sim ↓" in text and "OCR (GOT) skipped" in text
-    with pytest.raises(FileNotFoundError, match="--lora"):
-        EV.main(["--lora", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="unknown reward"):
-        EV.main(["--rewards", "nope", "--out", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="--prompts"):
-        EV.main(["--weights", model.DEFAULT_WEIGHTS, "--out", str(tmp_path / "x")])
-    assert not (tmp_path / "x").exists()
-
-
-def test_evaluate_layout_detector_comes_from_the_reward_module(monkeypatch):
-    """SDI's detector is the one the GenEval reward registered (the world lends its numpy detector without evaluate.py
-    importing data/); without one it is Grounding DINO, which names its weights when they are missing."""
-    cfg = EV.check_settings(EV.parse_args(["--num_prompts", "1", "--num_images", "2"]))
-    assert cfg.detector == "shapes" and "shapes" in reward.DETECTORS
-    images = world.render_batch(world.load_prompts("test")[:2], seed=0)
-    assert [[d.box for d in ds] for ds in reward.build_detector("shapes")(images, ["a", "b"])] == \
-        [[d.box for d in ds] for ds in world.detect(images)]
-    cfg = EV.check_settings(EV.parse_args(["--num_prompts", "1", "--num_images", "2", "--layout_detector",
-                                           "grounding_dino"]))
-    assert cfg.detector is None and any("IDEA-Research/grounding-dino-tiny" in n for n in cfg.notes)
-
-
-def test_reward_grounding_dino_detector_on_a_tiny_model(tmp_path):
-    """build_detector("grounding_dino") runs transformers' Grounding DINO (tiny random weights, real classes and files)
-    with the prompt as caption and returns Detections with pixel boxes inside the image."""
-    from transformers import (BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "photo", "of", "red", "cat", "dog"]
-    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-    tok = BertTokenizer(str(tmp_path / "vocab.txt"))
-    cfg = GroundingDinoConfig(
-        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                                   window_size=2, out_features=["stage2", "stage3", "stage4"]),
-        text_config=dict(model_type="bert", vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=16, max_position_embeddings=32),
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=6, num_feature_levels=3, encoder_n_points=1,
-        decoder_n_points=1, max_text_len=32)
-    torch.manual_seed(0)
-    d = str(tmp_path / "gdino")
-    GroundingDinoForObjectDetection(cfg).save_pretrained(d)
-    GroundingDinoProcessor(GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}), tok).save_pretrained(d)
-    detect = reward.build_detector("grounding_dino", {"grounding_dino": d})
-    det = reward.load_grounding_dino(d)
-    det.box_threshold = det.text_threshold = 0.0          # keep every query of the random model
-    images = _images(8, b=2, h=40, w=56)
-    out = detect(images, ["a photo of a red cat", "a dog"])
-    assert len(out) == 2 and all(len(ds) == cfg.num_queries for ds in out)
-    for ds in out:
-        assert [x.score for x in ds] == sorted((x.score for x in ds), reverse=True)
-        for x in ds:
-            assert isinstance(x, Detection) and 0 <= x.score <= 1 and len(x.box) == 4
-            assert -1e-3 <= x.box[0] <= x.box[2] <= 56 + 1e-3 and -1e-3 <= x.box[1] <= x.box[3] <= 40 + 1e-3
-    assert reward.grounding_caption("A Red Cat") == "a red cat." and reward.grounding_caption("a dog.") == "a dog."
