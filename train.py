@@ -104,7 +104,7 @@ Where the GRPO methods depart from Flow-GRPO's code (scripts/train_sd3.py, confi
   made the count divisible by its number of batches); the loss is averaged over the kept transitions.
 - The updates' halves are keyed per group (grpo_chunks), not a shuffle of each rank's samples, so 1 or N ranks
   compute the same steps; the EMA (decay 0.9, warm-up as for nft) updates once per iteration, not every 8 steps.
-- The KL divides by 2·s_t² (std_dev_t, without dt), as the reference code does (and as its issue states).
+- (Not a departure) the KL divides by 2·s_t² (std_dev_t, without dt), as the reference code does.
 - Flow-GRPO-Fast: only the "sde" step type (the reference's Fast presets use its "cps" type; its clip range 1e-5
   and β = 0 are settings), and the window is drawn per prompt, not per sampling batch.
 - E-GRPO: Euler for the ODE prefix and suffix; the branch noise of a step is shared across E²PO's K variants
