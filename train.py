@@ -534,6 +534,8 @@ def check_method(cfg, bad):
     if T < 2:
         bad(f"train_sample_steps={T}: {cfg.method} needs >= 2 (the last step is deterministic)")
     window = cfg.sde_window
+    if window < 0:
+        bad(f"sde_window must be >= 0, got {window}")
     if cfg.method == "flow_grpo" and window:
         rng = cfg.sde_window_range
         if not (len(rng) == 2 and all(isinstance(v, int) for v in rng)):
@@ -544,15 +546,10 @@ def check_method(cfg, bad):
                 f"lo + window <= hi <= train_sample_steps − 1 = {T - 1}: the last step is deterministic)")
     elif window:
         bad(f"sde_window={window}: the window is Flow-GRPO-Fast's (method='flow_grpo'); 0 for {cfg.method!r}")
-    if window < 0:
-        bad(f"sde_window must be >= 0, got {window}")
     if cfg.method == "e_grpo":
         if not cfg.egrpo_tau > 0:
             bad(f"egrpo_tau must be > 0, got {cfg.egrpo_tau}")
-        plan = egrpo_plan(cfg)
-        if not plan:
-            bad(f"E-GRPO has no active step: train_sample_steps={T} · timestep_fraction={cfg.timestep_fraction} "
-                "leaves no branch point before the last step")
+        plan = egrpo_plan(cfg)     # never empty: T >= 2 and at least one training step (check_numbers)
         if not 0 <= cfg.egrpo_branch_steps <= len(plan):
             bad(f"egrpo_branch_steps={cfg.egrpo_branch_steps} must be in [0, {len(plan)}] (the plan's active steps "
                 f"{plan})")
