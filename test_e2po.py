@@ -3157,3 +3157,210 @@ def test_train_grpo_presets():
             assert (cfg["train_sample_steps"], cfg["sde_eta"], cfg["egrpo_tau"], train.num_train_timesteps(ns),
                     cfg["learning_rate"], cfg["max_steps"], cfg["global_std"]) == (16, 0.7, 2.2, 8, 2e-6, 300, False)
             assert train.egrpo_plan(ns) == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (7, 2)]
+
+
+def grpo_config(root, out_dir, method="flow_grpo", **over):
+    """tiny_config for the GRPO methods: K = 1; Flow-GRPO G = 4 (trains steps 0, 1 of 3), E-GRPO G = 2 at each of the
+    plan's 2 active steps [(0, 1), (1, 1)] (4 images per prompt)."""
+    return tiny_config(root, out_dir, **{"method": method, "num_variants": 1,
+                                         "num_seeds": 4 if method == "flow_grpo" else 2, **over})
+
+
+@pytest.mark.parametrize("method,over", [
+    ("flow_grpo", {}),
+    ("flow_grpo", {"sde_window": 1, "sde_window_range": (0, 2)}),                     # Flow-GRPO-Fast
+    ("e_grpo", {}),
+    ("flow_grpo", {"num_variants": 2, "num_seeds": 2, "grpo_variants": True}),        # E²PO's variants + GRPO
+    ("e_grpo", {"num_variants": 2, "num_seeds": 2, "grpo_variants": True, "egrpo_branch_steps": 1}),
+])
+def test_train_grpo_two_iterations(tiny_root, tmp_path, fake_reward, method, over):
+    train.train(grpo_config(tiny_root, tmp_path, method, grpo_kl_beta=0.1, **over))
+    rows = train.read_log(str(tmp_path / "log.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for key in ("reward_mean", "reward_std", "zero_std_ratio", "loss", "policy_loss", "kl", "ratio", "clip_frac",
+                "approx_kl", "logprob_gap", "grad_norm", "kept_fraction", "lr", "time_rollout", "time_update"):
+        assert key in rows[1] and math.isfinite(rows[1][key]), key
+    for r in rows[1:]:
+        assert r["ratio"] == 1.0 and r["clip_frac"] == 0.0 and r["approx_kl"] == 0.0    # one update: on-policy
+        assert r["logprob_gap"] < 1e-5            # the training forward recomputes the rollout's transition
+        assert r["updates"] == 1 and r["grad_norm"] > 0 and r["kept_fraction"] == 1.0 and "old_decay" not in r
+    assert rows[2]["kl"] > 0 and rows[2]["reward_std"] > 0 and "eval_reward" in rows[2]
+    if method == "e_grpo":
+        active = over.get("egrpo_branch_steps") or 2
+        assert rows[1]["egrpo_active_steps"] == active and rows[1]["egrpo_merged_steps"] == 0
+    if over.get("grpo_variants"):
+        assert "mean_pairwise_cos" in rows[1] and "variant_spread" in rows[1]
+    ad = adapters_of(tmp_path)
+    assert set(ad) == {"policy", "ema"}                                       # no old adapter: on-policy
+    assert any(v.abs().sum() > 0 for k, v in ad["policy"].items() if k.endswith("lora_B"))
+    for f in ("ckpt.pt", "lora_policy.safetensors", "curves.png", "samples/after.png", "groups/step_000001.png"):
+        assert (tmp_path / f).is_file(), f
+
+
+def test_train_grpo_first_update_is_on_policy_the_second_is_not(tiny_root, tmp_path, fake_reward, monkeypatch):
+    """grpo_updates = 2 (Flow-GRPO's presets): every ratio before the first optimizer step is exactly 1; after it, the
+    rollout's log-probs are θ_old's and the ratios move (and clip at a small ε)."""
+    events, real_loss, real_step = [], train.grpo_loss, torch.optim.AdamW.step
+
+    def loss(*a, **k):
+        out = real_loss(*a, **k)
+        events.append(out[1]["ratio"].clone())
+        return out
+
+    def step(self, *a, **k):
+        events.append("step")
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(train, "grpo_loss", loss)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train.train(grpo_config(tiny_root, tmp_path, grpo_updates=2, max_steps=1, eval_every=0, log_images_every=0,
+                            grpo_clip_range=1e-6))
+    first = events.index("step")
+    assert first > 0 and events.count("step") == 2
+    assert all(torch.equal(r, torch.ones_like(r)) for r in events[:first])
+    later = torch.cat([r for r in events[first + 1:] if not isinstance(r, str)])
+    assert (later != 1).any() and ((later - 1).abs() > 1e-6).any()
+    row = train.read_log(str(tmp_path / "log.jsonl"))[-1]
+    assert row["updates"] == 2 and 0 < row["clip_frac"] <= 0.5
+
+
+@pytest.mark.parametrize("method", ["flow_grpo", "e_grpo"])
+def test_train_grpo_resume_2_plus_2_equals_4(tiny_root, tmp_path, fake_reward, method):
+    over = dict(eval_every=0, log_images_every=0, grpo_updates=2, egrpo_branch_steps=1 if method == "e_grpo" else 0)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.train(grpo_config(tiny_root, straight, method, max_steps=4, **over))
+    train.train(grpo_config(tiny_root, split, method, max_steps=2, **over))
+    train.train(grpo_config(tiny_root, split, method, max_steps=4, resume=True, **over))
+    a, b = adapters_of(straight), adapters_of(split)
+    for name in ("policy", "ema"):
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), (name, k)
+    la, lb = train.read_log(str(straight / "log.jsonl")), train.read_log(str(split / "log.jsonl"))
+    assert [r["step"] for r in lb] == [1, 2, 3, 4]
+    assert [(r["loss"], r["ratio"]) for r in la] == [(r["loss"], r["ratio"]) for r in lb]
+
+
+@pytest.mark.parametrize("method", ["flow_grpo", "e_grpo"])
+def test_train_grpo_ddp_two_processes_equal_one(tiny_root, tmp_path, method):
+    wrapper = tmp_path / "run_train.py"
+    wrapper.write_text(WRAPPER.format(repo=REPO))
+    over = dict(grpo_updates=2) if method == "flow_grpo" else dict(egrpo_branch_steps=1)
+    cfg = grpo_config(tiny_root, "x", method, eval_every=2, eval_num_prompts=3, log_images_every=0, max_steps=2,
+                      adam_eps=1.0, learning_rate=1.0, grpo_kl_beta=0.1, **over)
+    keys = ("weights", "resolution", "prompts_per_step", "num_variants", "num_seeds", "emb_steps", "train_sample_steps",
+            "rollout_micro_batch", "train_micro_batch", "lora_rank", "lora_alpha", "learning_rate", "max_steps",
+            "device", "eval_every", "eval_sample_steps", "eval_num_prompts", "log_images_every", "adam_eps",
+            "timestep_fraction", "method", "grpo_kl_beta", *over)
+    args = [f"--{k}={cfg[k]}" for k in keys]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(wrapper), *args, f"--out_dir={tmp_path / 'one'}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+                          str(wrapper), *args, f"--out_dir={tmp_path / 'two'}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    w1 = torch.load(tmp_path / "one" / "rank0_policy.pt", weights_only=True)
+    r0 = torch.load(tmp_path / "two" / "rank0_policy.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "two" / "rank1_policy.pt", weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(r0, r1))                       # ranks agree exactly
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(w1, r0))   # = the 1-process run
+    assert sum(a.abs().sum() for a in w1[1::2]) > 0                                  # lora_B moved
+    la = train.read_log(str(tmp_path / "one" / "log.jsonl"))
+    lb = train.read_log(str(tmp_path / "two" / "log.jsonl"))
+    for x, y in zip(la, lb):
+        for k in ("reward_mean", "reward_std", "loss", "kl", "ratio", "kept_fraction", "eval_reward",
+                  "egrpo_active_steps", "egrpo_step_entropy"):
+            if k in x:
+                assert math.isclose(x[k], y[k], rel_tol=1e-4, abs_tol=1e-7), (k, x[k], y[k])
+
+
+@pytest.mark.parametrize("method,over", [("flow_grpo", {"num_seeds": 8}),
+                                         ("e_grpo", {"num_seeds": 4, "egrpo_branch_steps": 2, "global_std": False})])
+def test_train_grpo_on_the_shipped_world(tmp_path, method, over):
+    """Two iterations of each method on the world as shipped (its pretrained model, the real shapes reward)."""
+    train.train(dict(out_dir=str(tmp_path), method=method, num_variants=1, max_steps=2, prompts_per_step=2, eval_every=2,
+                     eval_num_prompts=4, eval_num_images=1, eval_sample_steps=4, log_images_every=1, save_every=0,
+                     **over))
+    rows = train.read_log(str(tmp_path / "log.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert 0 <= r["reward_mean"] <= 1 and 0 <= r["zero_std_ratio"] <= 1 and 0 <= r["kept_fraction"] <= 1
+        for key in ("reward_std", "grad_norm", "kept_fraction"):
+            assert math.isfinite(r[key]), key
+        if r["updates"]:     # a step whose groups all scored equal trains nothing (and logs no loss)
+            assert all(math.isfinite(r[k]) for k in ("loss", "kl", "ratio", "logprob_gap"))
+    assert 0 <= rows[2]["eval_reward"] <= 1
+
+
+def test_train_flow_grpo_step_written_out(tiny_root, tmp_path, fake_reward):
+    """Two Flow-GRPO iterations equal the method written out here from the primitives and the float64 formulas:
+    encode → SDE rollout with the policy (sde_step_float64, the keyed noise) → reward → advantages (group mean,
+    global std, ±5) → for every sample and trained step: the policy's and the reference's (LoRA off) step means, the
+    clipped ratio to the rollout's log-prob, the KL ÷ 2 s_t² → mean over samples × steps → clip → AdamW. (Two, so
+    that the second has a policy away from the reference: the KL's gradient is zero at the zero-initialised LoRA.)"""
+    from model import load_text_encoders
+    G, T, eta, beta = 4, 3, 0.7, 0.5
+    run = train.train(grpo_config(tiny_root, tmp_path, max_steps=2, eval_every=0, log_images_every=0, grpo_kl_beta=beta,
+                                  train_micro_batch=3, adam_eps=1.0, learning_rate=1.0))
+    cfg = run.cfg
+    dit, vae = model.load_mmdit(tiny_root), model.load_vae(tiny_root)
+    text = load_text_encoders(tiny_root, t5=False, max_sequence_length=cfg.max_sequence_length)
+    model.add_lora(dit, rank=cfg.lora_rank, alpha=cfg.lora_alpha, adapter="policy", seed=cfg.seed)
+    params = model.lora_parameters(dit, "policy")
+    p0 = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                            weight_decay=cfg.weight_decay)
+    fn, sig = fake_reward_build("shapes"), S.sigma_schedule(T)
+    kls = []
+    for step in range(2):
+        trajs, lps, rs, conds = [], [], [], []
+        for slot, idx in enumerate(train.prompts_for_step(cfg, step)):
+            context, pooled = text.encode([cfg.train_items[idx]["prompt"]])
+            cond = (context.expand(G, -1, -1), pooled.expand(G, -1))
+            gen = train.keyed_generator(cfg.seed, step, "rollout", slot)
+            x = torch.randn((1, G, 16, 8, 8), generator=gen)[0]
+            noises = [torch.randn((1, G, 16, 8, 8), generator=gen)[0] for _ in range(T - 1)]
+            traj, lp = [x], []
+            with model.use_adapter(dit, "policy"), torch.no_grad():
+                for i in range(T):
+                    v = dit(x, sig[i].expand(G), *cond)
+                    if i < T - 1:
+                        x, log_prob, _, _ = sde_step_float64(x, v, sig[i].expand(G), sig[i + 1].expand(G), eta,
+                                                             noise=noises[i])
+                        x = x.float()
+                        lp.append(log_prob)
+                    else:                                              # the last step: deterministic
+                        x = x + (sig[i + 1] - sig[i]) * v
+                    traj.append(x)
+            trajs.append(traj), lps.append(lp), conds.append(cond)
+            rs.append(fn(vae.decode(x).float(), None)["avg"])
+        rew = torch.cat(rs).double()
+        adv = torch.cat([(g - g.mean()) / (rew.std(unbiased=False) + 1e-4) for g in rew.split(G)])
+        assert (adv.abs() > 1e-8).all() and adv.std() > 0             # nothing dropped here
+        n_terms = len(adv) * 2                                         # 2 trained steps (0, 1) of 3 per sample
+        kl = 0.0
+        for p in range(2):
+            for t in range(2):
+                args = (sig[t].expand(G), sig[t + 1].expand(G), eta)
+                with model.use_adapter(dit, "policy"):
+                    v = dit(trajs[p][t], sig[t].expand(G), *conds[p])
+                with model.use_adapter(dit, None), torch.no_grad():
+                    v_ref = dit(trajs[p][t], sig[t].expand(G), *conds[p])
+                _, log_prob, mean, s_t = sde_step_float64(trajs[p][t], v, *args, prev_sample=trajs[p][t + 1])
+                mean_ref = sde_step_float64(trajs[p][t], v_ref, *args, prev_sample=trajs[p][t + 1])[2]
+                loss = reference_grpo_loss(log_prob, lps[p][t], adv[p * G:(p + 1) * G], cfg.grpo_clip_range,
+                                           cfg.adv_clip_max, mean, mean_ref, s_t, beta)
+                (loss / n_terms).backward()
+                kl += reference_grpo_loss(log_prob.detach(), log_prob.detach(), 0 * adv, 1, 5, mean.detach(), mean_ref,
+                                          s_t, 1.0).item() / n_terms
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        kls.append(kl)
+    rows = train.read_log(str(tmp_path / "log.jsonl"))
+    assert kls[0] < 1e-12 < kls[1] and math.isclose(rows[-1]["kl"], kls[1], rel_tol=1e-3)
+    moved = 0
+    for a, b, c in zip(model.lora_parameters(run.model, "policy"), params, p0):
+        assert torch.allclose(a.detach(), b.detach(), atol=1e-5, rtol=1e-4)
+        moved += (b.detach() - c).abs().sum().item()
+    assert moved > 0
