@@ -2803,7 +2803,7 @@ def test_shapes_compare_gives_every_method_the_same_budget_and_reports_seed_stat
     for k in (2, 4):
         for method in compare.METHODS:
             cfg = SimpleNamespace(**{**train.config_defaults(), **compare.method_overrides(method, 8, k)})
-            assert train.group_size(cfg) == 8, (method, k)
+            assert train.samples_per_prompt(cfg) == 8, (method, k)
     # two seeds of one method, hand-made logs: the table's numbers are the seed means and sample stds
     runs = []
     for seed, (after, strict) in enumerate(((0.20, 0.05), (0.30, 0.15))):
@@ -3364,3 +3364,15 @@ def test_train_flow_grpo_step_written_out(tiny_root, tmp_path, fake_reward):
         assert torch.allclose(a.detach(), b.detach(), atol=1e-5, rtol=1e-4)
         moved += (b.detach() - c).abs().sum().item()
     assert moved > 0
+
+
+def test_bench_grpo_row_times_flow_grpo_against_the_nft_step(tmp_path):
+    out = tmp_path / "bench.md"
+    assert bench.main(["--rows", "grpo", "--repeats", "1", "--batch", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "failed" not in text, text
+    rows = [l for l in text.splitlines() if l.startswith("| Flow-GRPO step")]
+    assert len(rows) == 2 and "no CFG" in rows[0] and "with CFG 4.5" in rows[1]
+    for line in rows:
+        ours, nft, ratio = (float(c) for c in line.split("|")[2:5])
+        assert ours > 0 and nft > 0 and ratio > 0, line
