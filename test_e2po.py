@@ -3109,7 +3109,6 @@ GRPO = dict(method="flow_grpo", num_variants=1, num_seeds=4)
     ({**GRPO, "grpo_kl_beta": -0.1}, "grpo_kl_beta must be >= 0"),
     ({**GRPO, "grpo_updates": 0}, "grpo_updates=0 must be in"),
     ({**GRPO, "grpo_updates": 5}, "grpo_updates=5 must be in"),
-    ({**GRPO, "num_variants": 2}, "set grpo_variants=True"),
     ({**GRPO, "num_variants": 2, "num_seeds": 2, "grpo_variants": True, "grpo_updates": 2}, "needs grpo_updates=1"),
     ({**GRPO, "sde_window": 3, "sde_window_range": (0, 2)}, "sde_window=3 in sde_window_range"),
     ({**GRPO, "sde_window": 2, "sde_window_range": (0, 10)}, "hi <= train_sample_steps − 1 = 9"),
@@ -3128,7 +3127,13 @@ def test_train_grpo_validation_rejects_bad_settings(tmp_path, tiny_root, over, m
         train.validate_config(cfg_for(tmp_path, tiny_root, **over), 1)
 
 
-def test_train_grpo_validation_accepts_the_methods_micro_batches_and_combinations(tmp_path, tiny_root):
+def test_train_grpo_validation_accepts_the_methods_micro_batches_and_combinations(tmp_path, tiny_root, capsys):
+    # E²PO's variants are off for a GRPO method unless grpo_variants=True: the world's K = 4 becomes 1 (and says so)
+    cfg = train.validate_config(cfg_for(tmp_path, tiny_root, method="flow_grpo", num_seeds=2), 1)
+    assert cfg.num_variants == 1 and train.config_to_json(cfg)["num_variants"] == 1
+    assert "num_variants=4 → 1" in capsys.readouterr().out
+    cfg = train.validate_config(cfg_for(tmp_path, tiny_root, method="e_grpo", num_seeds=2, grpo_variants=True), 1)
+    assert cfg.num_variants == 4
     # GRPO micro-batches its kept transitions: no divisibility asked of train_micro_batch
     train.validate_config(cfg_for(tmp_path, tiny_root, **GRPO, train_micro_batch=3), 1)
     train.validate_config(cfg_for(tmp_path, tiny_root, **GRPO, sde_window=3, sde_window_range=(0, 5)), 1)

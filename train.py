@@ -53,7 +53,8 @@ checkpoints, DDP and the presets are shared; only the rollout sampler, what is s
   [(0,1), (1,1), (2,1), (3,1), (4,1), (5,2), (7,2)]. Compared with h itself (d = 16·64·64 at 512²) every step
   would pass; compared with h/d in nats (2πe·var ≥ e^4.4) no step would, and the first would merge over most of
   the grid. egrpo_branch_steps = n branches only n of the active steps per prompt (keyed), to fit a sample budget.
-- E²PO's variants with a GRPO objective (grpo_variants=True; off by default): the groups are E²PO's (K' conditions ×
+- E²PO's variants with a GRPO objective (grpo_variants=True; off by default: a GRPO method then runs with
+  num_variants = 1, whatever the setting, which validate_config prints and config.json records): the groups are E²PO's (K' conditions ×
   G noises under Eq. 13, per prompt or per (prompt, step)) and the update conditions on C_orig only, as E²PO's
   does. The variants then act as an exploration policy: the ratio compares θ and θ_old both under C_orig on
   transitions drawn under C_k(σ), with no importance weight for that change of condition, so the update is not an
@@ -215,7 +216,7 @@ grpo_clip_range = 1e-4      # PPO clip ε on the log-prob ratio
 grpo_kl_beta = 0.04         # β of the KL to the reference (LoRA off) on the step means (Flow-GRPO: GenEval 0.04,
                             # PickScore 0.01)
 grpo_updates = 1            # optimizer steps per iteration, step u on the u-th slice of every group (Flow-GRPO: 2)
-grpo_variants = False       # allow num_variants > 1 with a GRPO method (the docstring says what that means)
+grpo_variants = False       # E²PO's variants with a GRPO method (the docstring says what that means); False: K → 1
 sde_window = 0              # Flow-GRPO-Fast: w > 0 = only a window of w consecutive SDE steps (the rest Euler), trained
 sde_window_range = (0, 5)   # ... the window lies in steps [lo, hi): start uniform in [lo, hi − w] (Fast: (0, T/2))
 egrpo_tau = 2.2             # E-GRPO's entropy threshold τ on 2πe·a²·σ/(1 − σ)·Δσ, per dimension (the docstring)
@@ -514,6 +515,12 @@ def check_method(cfg, bad):
             if getattr(cfg, key):
                 bad(f"{key} belongs to a GRPO method (method='flow_grpo' / 'e_grpo'); 0 for method='nft'")
         return
+    if cfg.num_variants > 1 and not cfg.grpo_variants:
+        # E²PO's variants are off for the GRPO methods unless asked for: the world's default K = 4 is E²PO's, and
+        # `python train.py --method=flow_grpo` must run Flow-GRPO itself (config.json records the K = 1 it runs)
+        print0(f"method={cfg.method!r}: E²PO's variants are off (grpo_variants=False), so num_variants="
+               f"{cfg.num_variants} → 1: G = num_seeds = {cfg.num_seeds} noises of the original prompt per group")
+        cfg.num_variants = 1
     if not cfg.sde_eta > 0:
         bad(f"sde_eta must be > 0 for method={cfg.method!r} (the SDE's noise level; 0 has no log-probability)")
     if not cfg.grpo_clip_range > 0:
@@ -523,10 +530,6 @@ def check_method(cfg, bad):
     if not 1 <= cfg.grpo_updates <= group_size(cfg):
         bad(f"grpo_updates={cfg.grpo_updates} must be in [1, the group of {group_size(cfg)}] (each update takes a "
             "slice of every group)")
-    if cfg.num_variants > 1 and not cfg.grpo_variants:
-        bad(f"num_variants={cfg.num_variants} with method={cfg.method!r}: E²PO's variants with a GRPO objective are off "
-            "by default (the update then conditions on C_orig only, on trajectories drawn under C_k(σ)); set "
-            "grpo_variants=True to run that combination, or num_variants=1")
     if cfg.num_variants > 1 and cfg.grpo_updates > 1:
         bad("grpo_variants needs grpo_updates=1: the old policy's log-probability under C_orig is known only while "
             "θ = θ_old, i.e. at the first update (the rollout's is under C_k(σ))")
