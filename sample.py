@@ -172,7 +172,7 @@ def sde_step(x, v, sigma, sigma_next, eta, prev_sample=None, noise=None):
     The coefficients are computed in float64 from the σ's and cast once, the tensors in x's dtype (at least
     float32), so gradients flow from v into mean and log_prob. σ' may be any later σ of the grid: E-GRPO's merged
     step σ_i → σ_{i+l} is this step with dt = σ_{i+l} − σ_i.
-    Returns (prev_sample, log_prob, mean, std_dev_t (B,), the s_t without √(−dt))."""
+    Returns (prev_sample, log_prob (B,), mean, std_dev_t (B,): s_t, without the √(−dt))."""
     if not eta > 0:
         raise ValueError(f"eta must be > 0 (eta = 0 is the ODE: euler_step), got {eta!r}")
     if prev_sample is None and noise is None:
@@ -469,7 +469,8 @@ def sample_branches(model, vae, perturbed, num_branches, plan, num_steps=ROLLOUT
         raise ValueError(f"need num_branches >= 1, a non-empty plan and micro_batch >= 1; got {num_branches!r}, "
                          f"{plan!r}, {micro_batch!r}")
     if any(i < 0 or l < 1 or i + l > num_steps - 1 for i, l in plan):
-        raise ValueError(f"plan {plan!r}: every (i, l) needs i >= 0, l >= 1 and i + l <= num_steps - 1 = {num_steps - 1}")
+        raise ValueError(f"plan {plan!r}: every (i, l) needs i >= 0, l >= 1 and i + l <= num_steps − 1 = "
+                         f"{num_steps - 1}")
     variants = list(range(K)) if anchor else list(range(1, K))
     if not variants:
         raise ValueError("anchor=False needs num_variants K >= 2 (the group would be empty)")
@@ -536,7 +537,8 @@ def sample_branches(model, vae, perturbed, num_branches, plan, num_steps=ROLLOUT
     sigma_next = torch.tensor([sig64[sum(plan[a])] for a in step_idx.tolist()], dtype=torch.float32, device=device)
     images = None
     if vae is not None and decode:
-        images = torch.cat([vae.decode(stacked["latents"][c:c + micro_batch]).float() for c in range(0, N, micro_batch)])
+        images = torch.cat([vae.decode(stacked["latents"][c:c + micro_batch]).float()
+                            for c in range(0, N, micro_batch)])
     return Branches(images=images, prompt_idx=prompt_idx, step_idx=step_idx, variant=variant, seed_idx=seed_idx,
                     sigma=sigma, sigma_next=sigma_next, **stacked)
 

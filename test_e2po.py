@@ -3001,7 +3001,8 @@ def test_sample_branches_share_the_prefix_and_the_noise():
                                                     sig[i + l].expand(G), 0.7, noise=branch_noise[a][p])
                 assert torch.allclose(br.x_next[rows], x_next, atol=1e-6)
                 assert torch.allclose(br.log_prob[rows], log_prob, atol=1e-4)
-                assert torch.equal(br.sigma[rows], sig[i].expand(G)) and torch.equal(br.sigma_next[rows], sig[i + l].expand(G))
+                assert torch.equal(br.sigma[rows], sig[i].expand(G))
+                assert torch.equal(br.sigma_next[rows], sig[i + l].expand(G))
                 x0 = x_next
                 for j in range(i + l, T):
                     x0 = S.euler_step(x0, S._velocity(f, x0, sig[j], full, gammas[j], 1.0), sig[j], sig[j + 1])
@@ -3094,7 +3095,8 @@ def test_train_grpo_groups_advantages_and_update_slices():
     cfg.grpo_updates = 2
     chunk = train.grpo_chunks(cfg, 3, 16, 4)
     assert all(sorted(chunk[g * 4:(g + 1) * 4].tolist()) == [0, 0, 1, 1] for g in range(4))
-    assert torch.equal(chunk, train.grpo_chunks(cfg, 3, 16, 4)) and not torch.equal(chunk, train.grpo_chunks(cfg, 4, 16, 4))
+    assert torch.equal(chunk, train.grpo_chunks(cfg, 3, 16, 4))
+    assert not torch.equal(chunk, train.grpo_chunks(cfg, 4, 16, 4))
     cfg.grpo_updates = 1
     assert torch.equal(train.grpo_chunks(cfg, 3, 16, 4), torch.zeros(16, dtype=torch.long))
 
@@ -3283,9 +3285,9 @@ def test_train_grpo_ddp_two_processes_equal_one(tiny_root, tmp_path, method):
                                          ("e_grpo", {"num_seeds": 4, "egrpo_branch_steps": 2, "global_std": False})])
 def test_train_grpo_on_the_shipped_world(tmp_path, method, over):
     """Two iterations of each method on the world as shipped (its pretrained model, the real shapes reward)."""
-    train.train(dict(out_dir=str(tmp_path), method=method, num_variants=1, max_steps=2, prompts_per_step=2, eval_every=2,
-                     eval_num_prompts=4, eval_num_images=1, eval_sample_steps=4, log_images_every=1, save_every=0,
-                     **over))
+    train.train(dict(out_dir=str(tmp_path), method=method, num_variants=1, max_steps=2, prompts_per_step=2,
+                     eval_every=2, eval_num_prompts=4, eval_num_images=1, eval_sample_steps=4, log_images_every=1,
+                     save_every=0, **over))
     rows = train.read_log(str(tmp_path / "log.jsonl"))
     assert [r["step"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:

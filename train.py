@@ -54,12 +54,13 @@ checkpoints, DDP and the presets are shared; only the rollout sampler, what is s
   would pass; compared with h/d in nats (2πe·var ≥ e^4.4) no step would, and the first would merge over most of
   the grid. egrpo_branch_steps = n branches only n of the active steps per prompt (keyed), to fit a sample budget.
 - E²PO's variants with a GRPO objective (grpo_variants=True; off by default: a GRPO method then runs with
-  num_variants = 1, whatever the setting, which validate_config prints and config.json records): the groups are E²PO's (K' conditions ×
-  G noises under Eq. 13, per prompt or per (prompt, step)) and the update conditions on C_orig only, as E²PO's
-  does. The variants then act as an exploration policy: the ratio compares θ and θ_old both under C_orig on
-  transitions drawn under C_k(σ), with no importance weight for that change of condition, so the update is not an
-  unbiased policy gradient of the C_orig policy (it pulls C_orig towards what the better-scoring variants drew).
-  It needs grpo_updates = 1: the old log-prob under C_orig is the policy's own only before the first step.
+  num_variants = 1, whatever the setting, which validate_config prints and config.json records): the groups are
+  E²PO's (K' conditions × G noises under Eq. 13, per prompt or per (prompt, step)) and the update conditions on
+  C_orig only, as E²PO's does. The variants then act as an exploration policy: the ratio compares θ and θ_old
+  both under C_orig on transitions drawn under C_k(σ), with no importance weight for that change of condition, so
+  the update is not an unbiased policy gradient of the C_orig policy (it pulls C_orig towards what the
+  better-scoring variants drew). It needs grpo_updates = 1: the old log-prob under C_orig is the policy's own only
+  before the first step.
 
 Outputs (rank 0): out_dir/config.json, log.jsonl (one line per step), ckpt.pt (atomic), groups/*.png
 (one rollout group: rows = variants, columns = seeds), samples/*.png (held-out prompts, EMA weights),
@@ -367,7 +368,8 @@ def flow_grpo_steps(cfg, step, slot):
     if not cfg.sde_window:
         return None, list(range(min(num_train_timesteps(cfg), cfg.train_sample_steps - 1)))
     lo, hi = cfg.sde_window_range
-    start = int(torch.randint(lo, hi - cfg.sde_window + 1, (1,), generator=keyed_generator(cfg.seed, step, "window", slot)))
+    gen = keyed_generator(cfg.seed, step, "window", slot)
+    start = int(torch.randint(lo, hi - cfg.sde_window + 1, (1,), generator=gen))
     steps = list(range(start, start + cfg.sde_window))
     return set(steps), steps
 
@@ -1199,7 +1201,8 @@ def flow_grpo_transitions(run, groups):
         n_t = len(steps)
         parts.append(dict(
             x=g.trajectory[:, steps].flatten(0, 1), x_next=g.trajectory[:, steps + 1].flatten(0, 1)[:, None],
-            log_prob=g.log_probs[:, steps].reshape(-1, 1), sigma=sig[steps].repeat(N), sigma_next=sig[steps + 1].repeat(N),
+            log_prob=g.log_probs[:, steps].reshape(-1, 1),
+            sigma=sig[steps].repeat(N), sigma_next=sig[steps + 1].repeat(N),
             prompt=torch.full((N * n_t,), i), sample=(offset + torch.arange(N)).repeat_interleave(n_t)[:, None],
             orig=(g.variant == 0).repeat_interleave(n_t)))
         offset += N

@@ -205,7 +205,7 @@ def plot(results, path, keys=(("reward_mean", "training reward (mean)"), ("rewar
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--budget", type=int, default=DEFAULT_K * DEFAULT_G, help="N images per prompt (K·G for NFT/E²PO), for "
+    ap.add_argument("--budget", type=int, default=DEFAULT_K * DEFAULT_G, help="N images per prompt (K·G for E²PO), for "
                     "every method (default: train.py's K·G)")
     ap.add_argument("--k", type=int, default=DEFAULT_K, help="E²PO's K (G = budget / K; default: train.py's)")
     ap.add_argument("--max_steps", type=int, default=None, help="default: train.py's")
