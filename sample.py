@@ -510,29 +510,34 @@ def sample_branches(model, vae, perturbed, num_branches, plan, num_steps=ROLLOUT
         for a in range(A):
             x_at[a], v_at[a] = torch.cat(parts[a][0]), torch.cat(parts[a][1])
 
-        # the branches: n = ((p·A + a)·K' + k')·G + g, computed per active step in chunks of micro_batch samples
+        # the branches: n = ((p·A + a)·K' + k')·G + g. The merged SDE step of every branch (elementwise), then the
+        # Euler suffixes of all active steps together: at grid step j every branch whose merged step ended at or
+        # before σ_j is at σ_j, so one forward (in chunks of micro_batch samples) serves them all
         N = P * A * Kv * G
         n = torch.arange(N)
         prompt_idx, step_idx = n // (A * Kv * G), (n // (Kv * G)) % A
         kk, seed_idx = (n // G) % Kv, n % G
         unit = prompt_idx * Kv + kk
         variant = torch.tensor(variants)[kk]
-        out = {name: [None] * N for name in ("latents", "x", "x_next", "log_prob")}
+        x_branch = torch.empty((N, C, h, w), device=device)
+        x_next, log_prob = torch.empty_like(x_branch), torch.empty(N, device=device)
         for a, (i, l) in enumerate(plan):
             rows = n[step_idx == a]
+            p, g, u = prompt_idx[rows].to(device), seed_idx[rows].to(device), unit[rows].to(device)
+            B = len(rows)
+            x_branch[rows] = x_at[a][u]
+            x_next[rows], log_prob[rows], _, _ = sde_step(x_at[a][u], v_at[a][u], sigmas[i].expand(B),
+                                                          sigmas[i + l].expand(B), eta, noise=branch_noise[a][p, g])
+        resume_at = torch.tensor([sum(plan[a]) for a in step_idx.tolist()])      # i + l
+        latents = x_next.clone()
+        for j in range(int(resume_at.min()), num_steps):
+            rows = n[resume_at <= j]
             for c in range(0, len(rows), micro_batch):
                 r = rows[c:c + micro_batch]
-                p, k, g, u = (t[r].to(device) for t in (prompt_idx, variant, seed_idx, unit))
-                x, v = x_at[a][u], v_at[a][u]
-                B = len(r)
-                x_next, log_prob, _, _ = sde_step(x, v, sigmas[i].expand(B), sigmas[i + l].expand(B), eta,
-                                                  noise=branch_noise[a][p, g])
-                cond, gammas = conditions(p, k)
-                x0 = _solve(model, x_next, sigmas[i + l:], cond, "euler", 0.0, gammas[i + l:], 1.0, None)
-                for j, row in enumerate(r.tolist()):
-                    out["latents"][row], out["x"][row], out["x_next"][row] = x0[j], x[j], x_next[j]
-                    out["log_prob"][row] = log_prob[j]
-    stacked = {name: torch.stack(t) for name, t in out.items()}
+                cond, gammas = conditions(prompt_idx[r].to(device), variant[r].to(device))
+                v = _velocity(model, latents[r], sigmas[j], cond, gammas[j], 1.0)
+                latents[r] = euler_step(latents[r], v, sigmas[j], sigmas[j + 1])
+    stacked = dict(latents=latents, x=x_branch, x_next=x_next, log_prob=log_prob)
     sigma = torch.tensor([sig64[plan[a][0]] for a in step_idx.tolist()], dtype=torch.float32, device=device)
     sigma_next = torch.tensor([sig64[sum(plan[a])] for a in step_idx.tolist()], dtype=torch.float32, device=device)
     images = None

@@ -3012,10 +3012,11 @@ def test_sample_branches_share_the_prefix_and_the_noise():
                              generator=torch.Generator().manual_seed(2))
     orig = same.variant == 0
     assert torch.equal(same.latents[~orig], same.latents[orig])
-    # the forwards: a prefix to the last branch point (i = 2: 3 calls per condition), then per branch T − i − l
+    # the forwards: a prefix to the last branch point (i = 2: 3 calls per condition), then the Euler suffixes of both
+    # steps together: from σ_1 the G branches of (0, 1), from σ_5 those of (2, 3) too
     f.calls.clear()
     S.sample_branches(f, None, _perturbed(1, 1), G, plan, num_steps=T, latent_size=(4, 4), micro_batch=64)
-    assert [c[3] for c in f.calls] == [1] * 3 + [G] * (T - 1) + [G] * (T - 5)
+    assert [c[3] for c in f.calls] == [1] * 3 + [G] * 4 + [2 * G] * 3
     with pytest.raises(ValueError, match="plan"):
         S.sample_branches(f, None, pert, G, [(5, 3)], num_steps=T, latent_size=(4, 4))
 
