@@ -51,8 +51,10 @@ checkpoints, DDP and the presets are shared; only the rollout sampler, what is s
   grow with the latent size, and at τ = 2.2, a = 0.7 and SD3's shift-3 grid of 16 steps it keeps steps 0-4 single
   (2πe·a²·σ/(1 − σ)·Δσ = 8.4, 9.0, 4.6, 3.1, 2.4) and merges 5+6 and 7+8 (the paper's first 8 steps): the plan
   [(0,1), (1,1), (2,1), (3,1), (4,1), (5,2), (7,2)]. Compared with h itself (d = 16·64·64 at 512²) every step
-  would pass; compared with h/d in nats (2πe·var ≥ e^4.4) no step would, and the first would merge over most of
-  the grid. egrpo_branch_steps = n branches only n of the active steps per prompt (keyed), to fit a sample budget.
+  would pass; compared with h/d in nats (2πe·var ≥ e^4.4 ≈ 81) none would, and the first active step would merge
+  all the way to the last step (from σ = 1 the merged variance stays a², whatever l): one active step, no
+  exploration at the others. egrpo_branch_steps = n branches only n of the active steps per prompt (keyed), to fit
+  a sample budget.
 - E²PO's variants with a GRPO objective (grpo_variants=True; off by default: a GRPO method then runs with
   num_variants = 1, whatever the setting, which validate_config prints and config.json records): the groups are
   E²PO's (K' conditions × G noises under Eq. 13, per prompt or per (prompt, step)) and the update conditions on
@@ -75,9 +77,11 @@ unscale_, so an inf on any rank makes every rank skip the step. Every random dra
 rollout noise, training timesteps and noise) comes from a CPU generator keyed by (seed, step, global
 prompt/sample index), and perturb.py seeds Δ by (seed of the step, prompt), so 1, 2 or 8 ranks with the same global batch compute the same update
 (up to float summation order), and a resumed run repeats exactly what an uninterrupted one does.
-The global batch is prompts_per_step · K · G samples; each rank takes prompts_per_step / world_size
-prompts and accumulates over (its samples / train_micro_batch, at least 1) · int(train_sample_steps ·
-timestep_fraction) micro-steps; validate_config asserts that everything divides. Several nodes: every rank reads the
+The global batch is prompts_per_step · K · G samples (E-GRPO: × the active steps branched); each rank takes
+prompts_per_step / world_size prompts and accumulates over (its samples / train_micro_batch, at least 1) ·
+int(train_sample_steps · timestep_fraction) micro-steps; validate_config asserts that everything divides. The GRPO
+methods micro-batch their kept transitions and all-reduce once per optimizer step (grpo_updates per iteration), each
+rank's loss scaled by world_size / the global count of kept transitions. Several nodes: every rank reads the
 weights, prompts and (on resume) out_dir/ckpt.pt, so they must be on storage all nodes see.
 
 Where this departs from the paper / DiffusionNFT's code
