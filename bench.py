@@ -20,6 +20,14 @@ goes first, so drift and neighbours' load hit both sides alike):
                           (valid: MMDiT rows are independent; a plain concatenation under one adapter would not be).
                           Reference: peft adapters "policy" and "old" on the diffusers model, switched with
                           set_adapter and disable_adapters()/enable_adapters(), as DiffusionNFT does.
+- Flow-GRPO step vs NFT   train.py's two objectives on ours at the same batch, one training timestep each (both train
+                          on 9 of 10 steps per sample, so per step is per sample): Flow-GRPO's reference (LoRA off,
+                          no grad) and policy forwards, sde_step's log-prob and mean, grpo_loss and its backward,
+                          against the NFT step above (the "reference" column here is the NFT step: ratio > 1 means
+                          Flow-GRPO is cheaper). A second row runs Flow-GRPO with CFG (guidance 4.5, every forward on
+                          the doubled batch [uncond, cond]), as Flow-GRPO trains SD3.5 and as DiffusionNFT, which
+                          needs no CFG, compares itself with it; train.py runs Flow-GRPO without CFG (the first row).
+                          On CUDA the peak-memory columns compare the two steps too.
 - rollout per image       10 Euler steps with the "old" adapter: sample.sample on ours vs a plain loop over
                           diffusers' FlowMatchEulerDiscreteScheduler (shift 3) on the peft model; time / batch.
 - VAE decode              model.VAE.decode vs diffusers AutoencoderKL.decode (+ the same unscale and [0,1] map).
@@ -83,16 +91,16 @@ NFT_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",          
                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 ROLLOUT_STEPS = 10
 NUM_VARIANTS, DELTA_STEPS = 12, 300
-ROWS = ("forward", "nft", "rollout", "vae", "delta")
+ROWS = ("forward", "nft", "grpo", "rollout", "vae", "delta")
 # per size and device: batch, latent side (h = w), context tokens, repeats, which rows
 SIZES = {
     ("default", "cpu"): dict(batch=8, latent=8, context=24, repeats=30, warmup=3,
-                             rows=("forward", "nft", "rollout", "vae", "delta"), delta_batch=8),
+                             rows=("forward", "nft", "grpo", "rollout", "vae", "delta"), delta_batch=8),
     ("sd35m", "cpu"): dict(batch=1, latent=64, context=77 + 256, repeats=5, warmup=1, rows=("forward",)),
     ("default", "cuda"): dict(batch=32, latent=8, context=24, repeats=20, warmup=5,
-                              rows=("forward", "nft", "rollout", "vae", "delta"), delta_batch=8),
+                              rows=("forward", "nft", "grpo", "rollout", "vae", "delta"), delta_batch=8),
     ("sd35m", "cuda"): dict(batch=8, latent=64, context=77 + 256, repeats=10, warmup=3,
-                            rows=("forward", "nft", "rollout", "vae", "delta"), delta_batch=8),
+                            rows=("forward", "nft", "grpo", "rollout", "vae", "delta"), delta_batch=8),
 }
 # dense fp16/bf16 tensor-core peak (no sparsity), by substring of the device name, in TFLOP/s
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
@@ -340,14 +348,20 @@ def row_forward(ctx, ours, ref):
     return dict(name=f"MMDiT forward (batch {len(x)})", fns=(f_ours, f_ref), flops=ctx.fwd_flops)
 
 
-def row_nft(ctx, model, ours, ref, ref_params):
-    """The DiffusionNFT step of train.py: v_old and v_ref without grad, v_θ with grad, loss, backward."""
+def nft_inputs(ctx):
+    """(x_σ, σ, context, pooled, x0, r) of the NFT and Flow-GRPO rows."""
     x0, r = ctx.inp[4], ctx.inp[5]
     x, sigma, context, pooled = ctx.inp[:4]
     x_sigma = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * x    # x plays ε
-    loss_fn, policy = nft_loss_fn(), model.lora_parameters(ours, "policy")
-    f_ours_model, f_ref_model = ctx.run(ours), ctx.run(ref)
+    return x_sigma, sigma, context, pooled, x0, r
 
+
+def ours_nft_step(ctx, model, ours):
+    """train.py's NFT step on ours: v_old and v_ref without grad (one forward of the doubled batch when model.py
+    allows one adapter per batch chunk), v_θ with grad, the loss, its backward. Returns (batched, step function)."""
+    x_sigma, sigma, context, pooled, x0, r = nft_inputs(ctx)
+    loss_fn, policy = nft_loss_fn(), model.lora_parameters(ours, "policy")
+    f_ours_model = ctx.run(ours)
     batched = row_adapters(model, ours)
     two = lambda t: torch.cat([t, t])
 
@@ -370,6 +384,15 @@ def row_nft(ctx, model, ours, ref, ref_params):
         for p in policy:
             p.grad = None
         return loss.detach(), v_old, v_ref, v, grads
+    return batched, ours_step
+
+
+def row_nft(ctx, model, ours, ref, ref_params):
+    """The DiffusionNFT step of train.py: v_old and v_ref without grad, v_θ with grad, loss, backward."""
+    x_sigma, sigma, context, pooled, x0, r = nft_inputs(ctx)
+    loss_fn = nft_loss_fn()
+    f_ref_model = ctx.run(ref)
+    batched, ours_step = ours_nft_step(ctx, model, ours)
 
     def ref_step():
         with ctx.amp():
@@ -401,7 +424,60 @@ def row_nft(ctx, model, ours, ref, ref_params):
         check_close(f"NFT step (grad of {key})", g.reshape(-1, g.shape[-1]), torch.cat(theirs), 20 * ctx.tol)
     flops = 4 * ctx.fwd_flops + 3 * ctx.lora_flops   # old, ref, policy forwards + backward of inputs (frozen base)
     how = "old+ref in one forward" if batched else "old, ref"
-    return dict(name=f"NFT step: {how}, policy fwd+bwd (batch {len(x)})", fns=(ours_step, ref_step), flops=flops)
+    return dict(name=f"NFT step: {how}, policy fwd+bwd (batch {len(x_sigma)})", fns=(ours_step, ref_step), flops=flops)
+
+
+def row_grpo(ctx, model, ours, guidance=1.0):
+    """train.py's Flow-GRPO step on ours against its NFT step, at the same batch: v_ref (LoRA off, no grad) and v_θ
+    (grad), sde_step's log-prob of a fixed next state and the step means, grpo_loss (β 0.04, ε 1e-4) and its
+    backward. guidance > 1: every forward takes the doubled batch [uncond, cond] (uncond: zero conditions)."""
+    import sample
+    from train import grpo_loss
+    x_sigma, sigma, context, pooled, _, r = nft_inputs(ctx)
+    sigma_next, eta, policy = sigma * 0.9, 0.7, model.lora_parameters(ours, "policy")
+    f = ctx.run(ours)
+    adv = (2 * r - 1).float()
+    cfg = guidance > 1
+    uncond = (torch.zeros_like(context), torch.zeros_like(pooled))
+
+    def velocity():
+        if not cfg:
+            return f(x_sigma, sigma, context, pooled)
+        two = lambda t: torch.cat([t, t])
+        v_u, v_c = f(two(x_sigma), two(sigma), torch.cat([uncond[0], context]),
+                     torch.cat([uncond[1], pooled])).float().chunk(2)
+        return v_u + guidance * (v_c - v_u)
+
+    with torch.no_grad(), ctx.amp(), model.use_adapter(ours, "policy"):     # the rollout's next state and log-prob
+        noise = torch.randn(x_sigma.shape, generator=torch.Generator().manual_seed(5)).to(x_sigma.device)
+        prev, old_lp, _, _ = sample.sde_step(x_sigma, velocity(), sigma, sigma_next, eta, noise=noise)
+
+    def grpo_step():
+        with ctx.amp():
+            with torch.no_grad(), model.use_adapter(ours, None):
+                v_ref = velocity()
+            with model.use_adapter(ours, "policy"):
+                v = velocity()
+            _, log_prob, mean, s_t = sample.sde_step(x_sigma, v, sigma, sigma_next, eta, prev_sample=prev)
+            mean_ref = sample.sde_step(x_sigma, v_ref, sigma, sigma_next, eta, prev_sample=prev)[2]
+            loss, _ = grpo_loss(log_prob, old_lp, adv, 1e-4, 5.0, mean, mean_ref, s_t, 0.04)
+            loss = loss.mean()
+        loss.backward()
+        grads = [p.grad for p in policy]
+        for p in policy:
+            p.grad = None
+        return loss.detach(), grads
+
+    _, nft_step = ours_nft_step(ctx, model, ours)
+    loss, grads = grpo_step()
+    if not (torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
+            and any(g.abs().sum() > 0 for g in grads)):
+        raise AssertionError("Flow-GRPO step: non-finite loss or no gradient")
+    n = 2 if cfg else 1
+    flops = n * (3 * ctx.fwd_flops + 3 * ctx.lora_flops)   # reference and policy forwards + backward of inputs
+    how = f"with CFG {guidance:g} (2× batch per forward)" if cfg else "no CFG (train.py)"
+    return dict(name=f"Flow-GRPO step, {how}, vs the NFT step (batch {len(x_sigma)}; reference column = NFT)",
+                fns=(grpo_step, nft_step), flops=flops)
 
 
 def row_adapters(model, module):
@@ -557,7 +633,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--resolution", type=int, default=None, help="image side in pixels (latent = side / 8)")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--rows", default=None, help="comma list of forward,nft,rollout,vae,delta")
+    ap.add_argument("--rows", default=None, help="comma list of forward,nft,grpo,rollout,vae,delta")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU default: 1)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the MMDiT on both sides")
     ap.add_argument("--model", default=None, help="a candidate model.py to import as `model`")
@@ -629,7 +705,7 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    if any(r in rows_wanted for r in ("forward", "nft", "rollout")):
+    if any(r in rows_wanted for r in ("forward", "nft", "grpo", "rollout")):
         ours, ref, source = sd35m_pair(model, device, dtype) if args.size == "sd35m" else \
             tiny_mmdit_pair(model, device, dtype, ctx.weights)
         cfg = ours.cfg
@@ -639,12 +715,17 @@ def main(argv=None):
         ctx.lora_flops = lora_flops(cfg, B, lat, lat, S, LORA_RANK)
         if "forward" in rows_wanted:
             attempt("MMDiT forward", lambda: row_forward(ctx, ours, ref), setting)
-        if "nft" in rows_wanted or "rollout" in rows_wanted:
+        if any(r in rows_wanted for r in ("nft", "grpo", "rollout")):
             ref_params = add_loras(model, ours, ref)
             if "nft" in rows_wanted:
                 ours.train(), ref.train()
                 attempt("NFT step", lambda: row_nft(ctx, model, ours, ref, ref_params), setting)
                 ours.eval(), ref.eval()
+            if "grpo" in rows_wanted:
+                ours.train()
+                for guidance in (1.0, 4.5):
+                    attempt("Flow-GRPO step", lambda g=guidance: row_grpo(ctx, model, ours, g), setting)
+                ours.eval()
             if "rollout" in rows_wanted:
                 attempt("rollout", lambda: row_rollout(ctx, model, ours, ref),
                         dict(setting, repeats=max(3, setting["repeats"] // 3), warmup=max(1, setting["warmup"] // 2)))

@@ -15,9 +15,16 @@ Solvers
   First and last steps are first order (then the update is exactly Euler). DiffusionNFT's rollout
   solver (10 steps). As in DiffusionNFT, which runs it on the same σ grid starting at σ = 1, the
   step right after σ = 1 is first order as well: λ(1) = −∞, so h_prev = ∞ and the correction vanishes.
-- "sde": Flow-GRPO's SDE step with noise level η: std = η·sqrt(σ/(1 − σ)) (σ = 1 uses the grid's second
-  value in the denominator), mean = x·(1 + std²/(2σ)·dt) + v·(1 + std²(1 − σ)/(2σ))·dt,
-  x_next = mean + std·sqrt(−dt)·ξ, dt = σ_next − σ. η = 0 is Euler exactly.
+- "sde": Flow-GRPO's SDE step with noise level η (sde_step): s_t = η·sqrt(σ/(1 − σ)) (σ = 1 uses the next σ in
+  the denominator), mean = x·(1 + s_t²/(2σ)·dt) + v·(1 + s_t²(1 − σ)/(2σ))·dt, x_next = mean + s_t·sqrt(−dt)·ξ,
+  dt = σ_next − σ; sde_step also returns the step's Gaussian log-density (mean over C, H, W). η = 0 is Euler
+  exactly. sample_groups(record=True) keeps the trajectory and the log-probs (Flow-GRPO's rollouts);
+  sde_steps limits the noise to a window (Flow-GRPO-Fast).
+
+E-GRPO (sample_branches): the entropy of an SDE step σ → σ' per dimension is ½·log(2πe·η²·σ/(1 − σ)·(σ − σ'))
+(step_entropy); merge_plan merges low-entropy steps into single steps σ_i → σ_{i+l} reaching a threshold on
+2πe·η²·σ/(1 − σ)·Δσ (entropy_power); per active step, G branches leave a shared Euler prefix with one merged SDE
+step and finish by Euler.
 
 Conditioning: C(σ) = C_orig + γ(σ)·(C_opt − C_orig) on context and pooled at every model call,
 γ(σ) = clip((σ − (1 − ρ))/ρ, 0, 1) (Eq. 13; "static" ablation: γ ≡ 1). Written this way the original
@@ -45,6 +52,7 @@ Departures from the references
   takes a deterministic step there, so the sampler returns a clean x0.
 - The SDE's step noise is shared across the K variants of a (prompt, seed) too, like the initial noise,
   so that under the SDE as well the spread across variants is purely semantic.
+- sample_branches (E-GRPO): Euler prefix and suffix; the branch noise is shared across the K variants too.
 """
 
 import argparse
@@ -154,25 +162,86 @@ def dpm2m_step(x, x0, x0_prev, s, s_next, s_prev):
     return (s_next / s) * x + c * (x0 + 0.5 * D1)
 
 
-def sde_step(x, v, s, s_next, s_max, eta, noise):
-    """Flow-GRPO's SDE step (sde_step_with_logprob, sde_type='sde'); s, s_next, s_max python floats.
-    The last step (σ_next = 0) is deterministic Euler."""
+def sde_step(x, v, sigma, sigma_next, eta, prev_sample=None, noise=None):
+    """Flow-GRPO's SDE transition (sde_step_with_logprob, sde_type="sde") and its log-density.
+    x, v (B, ...); sigma, sigma_next (B,) tensors (or floats); eta > 0 (Flow-GRPO's noise level, E-GRPO's a).
+        dt = σ' − σ,  s_t = η·√(σ/(1 − σ))  (σ = 1: σ' in the denominator, as the reference's sigmas[1])
+        mean = x·(1 + s_t²·dt/(2σ)) + v·(1 + s_t²(1 − σ)/(2σ))·dt,  std = s_t·√(−dt)
+    prev_sample = mean + std·noise unless prev_sample is given (then it is returned unchanged, and scored).
+    log_prob (B,) is the Gaussian log-density of prev_sample, averaged (not summed) over C, H, W, as the reference.
+    The coefficients are computed in float64 from the σ's and cast once, the tensors in x's dtype (at least
+    float32), so gradients flow from v into mean and log_prob. σ' may be any later σ of the grid: E-GRPO's merged
+    step σ_i → σ_{i+l} is this step with dt = σ_{i+l} − σ_i.
+    Returns (prev_sample, log_prob (B,), mean, std_dev_t (B,): s_t, without the √(−dt))."""
+    if not eta > 0:
+        raise ValueError(f"eta must be > 0 (eta = 0 is the ODE: euler_step), got {eta!r}")
+    if prev_sample is None and noise is None:
+        raise ValueError("sde_step needs noise (to draw prev_sample) or prev_sample (to score it)")
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    B = x.shape[0]
+    as64 = lambda s: torch.as_tensor(s, device=x.device).double().reshape(-1).expand(B)
+    s, s_next = as64(sigma), as64(sigma_next)
+    if not bool(((s_next < s) & (s > 0) & (s <= 1) & (s_next >= 0)).all()):
+        raise ValueError("sde_step needs 1 >= sigma > sigma_next >= 0")
     dt = s_next - s
-    if s_next == 0.0 or eta == 0.0:
-        return x + dt * v
-    std = eta * math.sqrt(s / (1.0 - (s_max if s == 1.0 else s)))
-    mean = x * (1.0 + std ** 2 / (2 * s) * dt) + v * (1.0 + std ** 2 * (1.0 - s) / (2 * s)) * dt
-    return mean + (std * math.sqrt(-dt)) * noise
+    std_dev = eta * torch.sqrt(s / (1 - torch.where(s == 1, s_next, s)))
+    c_x = 1 + std_dev ** 2 / (2 * s) * dt
+    c_v = 1 + std_dev ** 2 * (1 - s) / (2 * s)
+    step_std = std_dev * torch.sqrt(-dt)
+    view = lambda t: t.to(dtype).view(-1, *([1] * (x.ndim - 1)))
+    x, v = x.to(dtype), v.to(dtype)
+    mean = x * view(c_x) + v * view(c_v) * view(dt)
+    if prev_sample is None:
+        prev_sample = mean + view(step_std) * noise.to(dtype)
+    target = prev_sample.detach().to(dtype)
+    log_prob = (-((target - mean) ** 2) / (2 * view(step_std) ** 2) - torch.log(view(step_std))
+                - 0.5 * math.log(2 * math.pi))
+    return prev_sample, log_prob.mean(tuple(range(1, x.ndim))), mean, std_dev.to(dtype)
 
 
-def _solve(model, x, sigmas, cond, solver, eta, gammas, guidance_scale, step_noise, progress=None):
+def entropy_power(sigma, sigma_next, eta):
+    """exp(2h/d) of one sde_step transition σ → σ' (d-dimensional Gaussian, std s_t·√(σ − σ') per dimension):
+    2πe·s_t²·(σ − σ') = 2πe·η²·σ/(1 − σ)·(σ − σ'), with sde_step's s_t (σ' in the denominator where σ = 1).
+    E-GRPO compares this with its threshold τ (train.py: the reading of τ). Floats in, float out."""
+    s, s_next = float(sigma), float(sigma_next)
+    var = eta ** 2 * s / (1 - (s_next if s == 1.0 else s)) * (s - s_next)
+    return 2 * math.pi * math.e * var
+
+
+def step_entropy(sigma, sigma_next, eta, dims=1):
+    """E-GRPO's step entropy h = d/2·log(2πe·η²·σ/(1 − σ)·Δσ) in nats (d = dims; per dimension by default)."""
+    return dims / 2 * math.log(entropy_power(sigma, sigma_next, eta))
+
+
+def merge_plan(sigmas, eta, tau, num_train_steps):
+    """E-GRPO's active SDE steps on a σ grid (σ_0 = 1, ..., σ_T = 0): [(i, l), ...]. From step 0, each active step
+    starts where the previous one ended and spans the smallest l ≥ 1 steps whose merged transition σ_i → σ_{i+l}
+    reaches entropy_power ≥ tau; starts stay below num_train_steps (E-GRPO: the first 8 of 16). A merge never
+    reaches the last step (σ_{T−1} → 0, which the samplers take deterministically): where even the longest allowed
+    merge stays below tau, that longest one is the step."""
+    sig = [float(s) for s in sigmas]
+    last = len(sig) - 2                       # index of the final step σ_{T−1} → 0
+    plan, i = [], 0
+    while i < min(num_train_steps, last):
+        l = 1
+        while entropy_power(sig[i], sig[i + l], eta) < tau and i + l < last:
+            l += 1
+        plan.append((i, l))
+        i += l
+    return plan
+
+
+def _solve(model, x, sigmas, cond, solver, eta, gammas, guidance_scale, step_noise, progress=None, sde_steps=None,
+           trace=None):
     """Integrate from sigmas[0] to sigmas[-1]. gammas[i] is γ at model call i; step_noise(i) gives the
-    SDE noise for step i (same shape as x)."""
+    SDE noise for step i (same shape as x). SDE: only the steps in sde_steps (None = all) are stochastic, the
+    others (and the last, σ_next = 0) Euler. trace (a list) receives (x before step i, log-prob of the step or None)."""
     x = x.float()
     sig64 = sigmas.double().tolist()
     x0_prev = None
     for i in range(len(sigmas) - 1):
         v = _velocity(model, x, sigmas[i], cond, gammas[i], guidance_scale)
+        x_in, log_prob = x, None
         if solver == "euler":
             x = euler_step(x, v, sigmas[i], sigmas[i + 1])
         elif solver == "dpm2m":
@@ -180,11 +249,17 @@ def _solve(model, x, sigmas, cond, solver, eta, gammas, guidance_scale, step_noi
             s_prev = sig64[i - 1] if i > 0 else None
             x = dpm2m_step(x, x0, x0_prev, sig64[i], sig64[i + 1], s_prev)
             x0_prev = x0
+        elif eta > 0 and sig64[i + 1] > 0 and (sde_steps is None or i in sde_steps):
+            B = len(x)
+            x, log_prob, _, _ = sde_step(x, v, sigmas[i].expand(B), sigmas[i + 1].expand(B), eta, noise=step_noise(i))
         else:
-            noise = step_noise(i) if (eta > 0 and sig64[i + 1] > 0) else None
-            x = sde_step(x, v, sig64[i], sig64[i + 1], sig64[1], eta, noise)
+            x = x + (sig64[i + 1] - sig64[i]) * v
+        if trace is not None:
+            trace.append((x_in, log_prob))
         if progress is not None:
             progress.update(1)
+    if trace is not None:
+        trace.append((x, None))
     return x
 
 
@@ -255,6 +330,8 @@ class Group:
     prompt_idx: torch.Tensor          # (N,) long, CPU: p
     variant: torch.Tensor             # (N,) long, CPU: k (0 = the original prompt)
     seed_idx: torch.Tensor            # (N,) long, CPU: g (which shared noise)
+    trajectory: torch.Tensor | None = None   # record=True: (N, T+1, 16, h, w) x at every σ of the grid (float32)
+    log_probs: torch.Tensor | None = None    # record=True: (N, T) sde_step log-prob of each step, nan where Euler
 
 
 def _adapter_context(model, adapter):
@@ -273,14 +350,17 @@ def _adapter_context(model, adapter):
 @torch.no_grad()
 def sample_groups(model, vae, perturbed, num_seeds, num_steps=ROLLOUT_STEPS, solver="dpm2m", rho=RHO,
                   schedule="noise_aware", anchor=True, micro_batch=MICRO_BATCH, latent_size=LATENT_SIZE,
-                  generator=None, adapter="old", decode=True, shift=SHIFT, eta=ETA, progress=False):
+                  generator=None, adapter="old", decode=True, shift=SHIFT, eta=ETA, progress=False, sde_steps=None,
+                  record=False):
     """For each prompt p of `perturbed` (context (P,K,S,D), pooled (P,K,Dp); [:,0] the original), sample
     G = num_seeds noises × the K conditions, the G noises shared across k. Flattened prompt-major,
     then variant, then seed: n = (p·K' + k')·G + g (see the module docstring). Model calls run in
     chunks of `micro_batch` samples (each chunk is integrated over all steps). anchor=False drops
     k = 0. Samples with the named LoRA adapter of the model (None: as the model is set).
     Decodes with vae.decode (in chunks of micro_batch) when vae is given and decode=True.
-    Deterministic given `generator` (initial noise (P,G,C,h,w), then, for the SDE, per step (P,G,C,h,w))."""
+    Deterministic given `generator` (initial noise (P,G,C,h,w), then, for the SDE, per step (P,G,C,h,w)).
+    SDE only: sde_steps (a set of step indices; None = every step but the last) are stochastic, the rest Euler
+    (Flow-GRPO-Fast's window); record=True keeps the trajectory and the per-step log-probs (Flow-GRPO's rollout)."""
     ctx_all, pool_all = perturbed.context, perturbed.pooled
     if ctx_all.ndim != 4 or pool_all.ndim != 3 or ctx_all.shape[:2] != pool_all.shape[:2]:
         raise ValueError(f"perturbed.context must be (P,K,S,D) and perturbed.pooled (P,K,Dp); got "
@@ -317,7 +397,7 @@ def sample_groups(model, vae, perturbed, num_seeds, num_steps=ROLLOUT_STEPS, sol
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(chunks) * num_steps, desc="sampling", unit="step")
-    out = []
+    out, traces = [], []
     with _adapter_context(model, adapter):
         for sl in chunks:
             p, k, g = prompt_idx[sl].to(device), variant[sl].to(device), seed_idx[sl].to(device)
@@ -328,15 +408,144 @@ def sample_groups(model, vae, perturbed, num_seeds, num_steps=ROLLOUT_STEPS, sol
             gammas = _gammas(sigmas, context_opt, pooled_opt, schedule, rho)
             cond = (context, pooled, context_opt, pooled_opt, None, None)
             step_noise = (lambda i, p=p, g=g: step_noise_all[i][p, g]) if step_noise_all else None
-            out.append(_solve(model, noise[p, g], sigmas, cond, solver, eta, gammas, 1.0, step_noise, bar))
+            trace = [] if record else None
+            out.append(_solve(model, noise[p, g], sigmas, cond, solver, eta, gammas, 1.0, step_noise, bar, sde_steps,
+                              trace))
+            if record:
+                traces.append(trace)
     if bar is not None:
         bar.close()
     latents = torch.cat(out)
+    trajectory = log_probs = None
+    if record:
+        trajectory = torch.cat([torch.stack([x for x, _ in t], 1) for t in traces])
+        nan = lambda x: torch.full((len(x),), float("nan"), device=x.device)
+        log_probs = torch.cat([torch.stack([nan(x) if lp is None else lp for x, lp in t[:-1]], 1) for t in traces])
 
     images = None
     if vae is not None and decode:
         images = torch.cat([vae.decode(latents[sl]).float() for sl in chunks])
-    return Group(latents=latents, images=images, prompt_idx=prompt_idx, variant=variant, seed_idx=seed_idx)
+    return Group(latents=latents, images=images, prompt_idx=prompt_idx, variant=variant, seed_idx=seed_idx,
+                 trajectory=trajectory, log_probs=log_probs)
+
+
+# -----------------------------------------------------------------------------
+# E-GRPO's branching rollouts: a shared ODE prefix, one merged SDE step, an ODE suffix
+
+@dataclass
+class Branches:
+    latents: torch.Tensor             # (N,16,h,w) clean latents (after the ODE suffix)
+    images: torch.Tensor | None       # (N,3,H,W) in [0,1], or None
+    prompt_idx: torch.Tensor          # (N,) long, CPU: p
+    step_idx: torch.Tensor            # (N,) long, CPU: a, the active step (index into `plan`)
+    variant: torch.Tensor             # (N,) long, CPU: k (0 = the original prompt)
+    seed_idx: torch.Tensor            # (N,) long, CPU: g (which branch noise)
+    x: torch.Tensor                   # (N,16,h,w) the branch point x(σ_i), shared by the G branches of (p, a, k)
+    x_next: torch.Tensor              # (N,16,h,w) x(σ_{i+l}) after the merged SDE step
+    log_prob: torch.Tensor            # (N,) sde_step log-prob of x_next
+    sigma: torch.Tensor               # (N,) σ_i
+    sigma_next: torch.Tensor          # (N,) σ_{i+l}
+
+
+@torch.no_grad()
+def sample_branches(model, vae, perturbed, num_branches, plan, num_steps=ROLLOUT_STEPS, eta=ETA, rho=RHO,
+                    schedule="noise_aware", anchor=True, micro_batch=MICRO_BATCH, latent_size=LATENT_SIZE,
+                    generator=None, adapter="old", decode=True, shift=SHIFT):
+    """E-GRPO's rollouts. For each prompt p and condition k (Eq. 13 as in sample_groups), one Euler trajectory from
+    a noise shared by the K conditions; at each active step a = (i, l) of `plan` (merge_plan), G = num_branches
+    branches leave the prefix at σ_i with one merged SDE step σ_i → σ_{i+l} (sde_step, noise level eta, branch noise
+    shared across k) and finish by Euler to σ = 0. Flattened prompt-major, then active step, variant, branch:
+        n = ((p·A + a)·K' + k')·G + g
+    so each (prompt, step) group of K'·G samples is contiguous. Model calls run in chunks of `micro_batch` samples.
+    Draws from `generator`: the initial noise (P,C,h,w), then per active step the branch noise (P,G,C,h,w)."""
+    ctx_all, pool_all = perturbed.context, perturbed.pooled
+    if ctx_all.ndim != 4 or pool_all.ndim != 3 or ctx_all.shape[:2] != pool_all.shape[:2]:
+        raise ValueError(f"perturbed.context must be (P,K,S,D) and perturbed.pooled (P,K,Dp); got "
+                         f"{tuple(ctx_all.shape)} and {tuple(pool_all.shape)}")
+    _check_args("sde", schedule, rho, num_steps, eta, 1.0, None, None)
+    P, K = ctx_all.shape[:2]
+    G, A = int(num_branches), len(plan)
+    if G < 1 or A < 1 or micro_batch < 1:
+        raise ValueError(f"need num_branches >= 1, a non-empty plan and micro_batch >= 1; got {num_branches!r}, "
+                         f"{plan!r}, {micro_batch!r}")
+    if any(i < 0 or l < 1 or i + l > num_steps - 1 for i, l in plan):
+        raise ValueError(f"plan {plan!r}: every (i, l) needs i >= 0, l >= 1 and i + l <= num_steps − 1 = "
+                         f"{num_steps - 1}")
+    variants = list(range(K)) if anchor else list(range(1, K))
+    if not variants:
+        raise ValueError("anchor=False needs num_variants K >= 2 (the group would be empty)")
+    Kv, (h, w) = len(variants), latent_size
+    C = getattr(getattr(model, "cfg", None), "in_channels", LATENT_CHANNELS)
+    device = ctx_all.device
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    noise = torch.randn((P, C, h, w), generator=generator, device=gen_device).to(device)
+    branch_noise = [torch.randn((P, G, C, h, w), generator=generator, device=gen_device).to(device) for _ in plan]
+    sigmas = sigma_schedule(num_steps, shift).to(device)
+    sig64 = sigmas.double().tolist()
+
+    def conditions(p, k):
+        context, pooled = ctx_all[p, 0], pool_all[p, 0]
+        if not (k != 0).any():
+            return (context, pooled, None, None, None, None), _gammas(sigmas, None, None, schedule, rho)
+        opt = (ctx_all[p, k], pool_all[p, k])
+        return (context, pooled, *opt, None, None), _gammas(sigmas, *opt, schedule, rho)
+
+    # the ODE prefix of every unit u = p·K' + k', kept at each branch point: x(σ_i) and v(σ_i)
+    unit_p = torch.arange(P * Kv) // Kv
+    unit_k = torch.tensor(variants)[torch.arange(P * Kv) % Kv]
+    starts = {i: a for a, (i, _) in enumerate(plan)}
+    x_at, v_at = [[None] * A for _ in range(2)]
+    with _adapter_context(model, adapter):
+        parts = {a: ([], []) for a in range(A)}
+        for c in range(0, P * Kv, micro_batch):
+            p, k = unit_p[c:c + micro_batch].to(device), unit_k[c:c + micro_batch].to(device)
+            cond, gammas = conditions(p, k)
+            x = noise[p].float()
+            for i in range(max(starts) + 1):
+                v = _velocity(model, x, sigmas[i], cond, gammas[i], 1.0)
+                if i in starts:
+                    parts[starts[i]][0].append(x)
+                    parts[starts[i]][1].append(v)
+                x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+        for a in range(A):
+            x_at[a], v_at[a] = torch.cat(parts[a][0]), torch.cat(parts[a][1])
+
+        # the branches: n = ((p·A + a)·K' + k')·G + g. The merged SDE step of every branch (elementwise), then the
+        # Euler suffixes of all active steps together: at grid step j every branch whose merged step ended at or
+        # before σ_j is at σ_j, so one forward (in chunks of micro_batch samples) serves them all
+        N = P * A * Kv * G
+        n = torch.arange(N)
+        prompt_idx, step_idx = n // (A * Kv * G), (n // (Kv * G)) % A
+        kk, seed_idx = (n // G) % Kv, n % G
+        unit = prompt_idx * Kv + kk
+        variant = torch.tensor(variants)[kk]
+        x_branch = torch.empty((N, C, h, w), device=device)
+        x_next, log_prob = torch.empty_like(x_branch), torch.empty(N, device=device)
+        for a, (i, l) in enumerate(plan):
+            rows = n[step_idx == a]
+            p, g, u = prompt_idx[rows].to(device), seed_idx[rows].to(device), unit[rows].to(device)
+            B = len(rows)
+            x_branch[rows] = x_at[a][u]
+            x_next[rows], log_prob[rows], _, _ = sde_step(x_at[a][u], v_at[a][u], sigmas[i].expand(B),
+                                                          sigmas[i + l].expand(B), eta, noise=branch_noise[a][p, g])
+        resume_at = torch.tensor([sum(plan[a]) for a in step_idx.tolist()])      # i + l
+        latents = x_next.clone()
+        for j in range(int(resume_at.min()), num_steps):
+            rows = n[resume_at <= j]
+            for c in range(0, len(rows), micro_batch):
+                r = rows[c:c + micro_batch]
+                cond, gammas = conditions(prompt_idx[r].to(device), variant[r].to(device))
+                v = _velocity(model, latents[r], sigmas[j], cond, gammas[j], 1.0)
+                latents[r] = euler_step(latents[r], v, sigmas[j], sigmas[j + 1])
+    stacked = dict(latents=latents, x=x_branch, x_next=x_next, log_prob=log_prob)
+    sigma = torch.tensor([sig64[plan[a][0]] for a in step_idx.tolist()], dtype=torch.float32, device=device)
+    sigma_next = torch.tensor([sig64[sum(plan[a])] for a in step_idx.tolist()], dtype=torch.float32, device=device)
+    images = None
+    if vae is not None and decode:
+        images = torch.cat([vae.decode(stacked["latents"][c:c + micro_batch]).float()
+                            for c in range(0, N, micro_batch)])
+    return Branches(images=images, prompt_idx=prompt_idx, step_idx=step_idx, variant=variant, seed_idx=seed_idx,
+                    sigma=sigma, sigma_next=sigma_next, **stacked)
 
 
 # -----------------------------------------------------------------------------

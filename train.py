@@ -6,9 +6,12 @@ E²PO training: Algorithm 1 of the paper with DiffusionNFT's objective, on one p
     python train.py config/geneval_k4.py --weights=/models/stable-diffusion-3.5-medium
     torchrun --nproc_per_node=8 train.py config/geneval_k12.py --weights=/models/sd3.5m
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 train.py config/pickscore_k3.py ...
+    python train.py --method=flow_grpo --num_variants=1 --num_seeds=8      # Flow-GRPO on the world
+    python train.py --method=e_grpo --num_variants=1 --num_seeds=4 --egrpo_branch_steps=2 --global_std=False
+    torchrun --nproc_per_node=8 train.py config/flow_grpo_geneval.py ...   # (also e_grpo_geneval, e_grpo_pickscore)
 
 Settings are the constants below; `config/*.py` files and `--key=value` override them (configurator.py;
-unknown keys and wrong types are errors). Each iteration (= one optimizer step, `step`):
+unknown keys and wrong types are errors). Each iteration (`step`; for nft one optimizer step):
 
   1. Phase I   learn the K−1 CLIP-L perturbations Δ of every prompt of this rank (perturb.py)
   2. rollouts  G noises × K conditions per prompt with the "old" adapter under the noise-aware
@@ -19,6 +22,47 @@ unknown keys and wrong types are errors). Each iteration (= one optimizer step, 
   4. NFT update  on C_orig only, over a random fraction of the sampler's own σ grid per sample:
                v_old (adapter "old"), v_θ ("policy"), v_ref (LoRA off) → nft_loss; one AdamW step
   5. old ← d·old + (1 − d)·θ (decay_type), EMA of θ into adapter "ema" (never written over θ)
+
+Methods (`method`). Phase I, rollouts one prompt at a time with keyed noise, rewards, advantages, logging,
+checkpoints, DDP and the presets are shared; only the rollout sampler, what is stored per step and the loss differ
+(METHOD_PHASES: a sampler and an update phase per method).
+- "nft": the above. E²PO is nft with K > 1; DiffusionNFT is nft with K = 1.
+- "flow_grpo" (yifan123/flow_grpo, sd3_sde_with_logprob.py and scripts/train_sd3.py): on-policy rollouts with the
+  policy adapter itself (there is no "old" adapter) by the SDE of sample.sde_step (η = sde_eta) on every step but
+  the last, keeping the trajectory and each step's log-prob; training on the first int(T · timestep_fraction) steps
+  (9 of 10). Per transition: ratio = exp(log p_θ − log p_old), A = (R − group mean)/(std + 1e-4) clipped ±A_max,
+  policy = max(−A·ratio, −A·clip(ratio, 1 ± ε)), KL = mean_CHW((mean_θ − mean_ref)²)/(2 s_t²) to the LoRA-off
+  reference, loss = mean(policy) + β·mean(KL) over the kept transitions of the global batch (grpo_loss, grpo_update).
+  Samples whose advantage is zero are dropped. grpo_updates = 2 takes two optimizer steps per iteration as
+  Flow-GRPO's SD3.5 presets do, each on one half of every group; the first is on-policy, so its ratio is exactly 1.
+  Flow-GRPO-Fast: sde_window = w SDE steps at a keyed random start within sde_window_range, Euler elsewhere, trained
+  on those w steps only.
+- "e_grpo" (arXiv 2601.00423; the paper is the specification, its released code does not run): the entropy of an
+  SDE step σ → σ' with std s_t·√(σ − σ') is h = d/2·log(2πe·a²·σ/(1 − σ)·(σ − σ')), a = sde_eta. From step 0,
+  steps whose entropy is below τ are merged with the following ones into one step σ_i → σ_{i+l}, l the smallest
+  count that reaches τ (sample.merge_plan; starts within the first int(T · timestep_fraction) steps). For every
+  such active step, G = num_seeds branches share the prompt's ODE (Euler) prefix to σ_i, take the merged SDE step
+  (sde_step from σ_i to σ_{i+l}: mean from the velocity at σ_i, std s_t·√(σ_i − σ_{i+l})) and finish by Euler
+  (sample.sample_branches). Groups are (prompt, active step): advantages are normalised within them (the presets
+  set global_std=False: mean and std per group), and the loss is Flow-GRPO's on the merged step's log-prob ratio.
+  The G branches of a group leave one branch point, so one policy forward serves all G log-probs.
+  The reading of τ: the paper writes e^h ∝ the variance term, so τ's units are a choice. Here τ is compared with
+  the entropy power per dimension, e^(2h/d) = 2πe·a²·σ/(1 − σ)·Δσ (equivalently h/d ≥ ½·log τ nats): it does not
+  grow with the latent size, and at τ = 2.2, a = 0.7 and SD3's shift-3 grid of 16 steps it keeps steps 0-4 single
+  (2πe·a²·σ/(1 − σ)·Δσ = 8.4, 9.0, 4.6, 3.1, 2.4) and merges 5+6 and 7+8 (the paper's first 8 steps): the plan
+  [(0,1), (1,1), (2,1), (3,1), (4,1), (5,2), (7,2)]. Compared with h itself (d = 16·64·64 at 512²) every step
+  would pass; compared with h/d in nats (2πe·var ≥ e^4.4 ≈ 81) none would, and the first active step would merge
+  all the way to the last step (from σ = 1 the merged variance stays a², whatever l): one active step, no
+  exploration at the others. egrpo_branch_steps = n branches only n of the active steps per prompt (keyed), to fit
+  a sample budget.
+- E²PO's variants with a GRPO objective (grpo_variants=True; off by default: a GRPO method then runs with
+  num_variants = 1, whatever the setting, which validate_config prints and config.json records): the groups are
+  E²PO's (K' conditions × G noises under Eq. 13, per prompt or per (prompt, step)) and the update conditions on
+  C_orig only, as E²PO's does. The variants then act as an exploration policy: the ratio compares θ and θ_old
+  both under C_orig on transitions drawn under C_k(σ), with no importance weight for that change of condition, so
+  the update is not an unbiased policy gradient of the C_orig policy (it pulls C_orig towards what the
+  better-scoring variants drew). It needs grpo_updates = 1: the old log-prob under C_orig is the policy's own only
+  before the first step.
 
 Outputs (rank 0): out_dir/config.json, log.jsonl (one line per step), ckpt.pt (atomic), groups/*.png
 (one rollout group: rows = variants, columns = seeds), samples/*.png (held-out prompts, EMA weights),
@@ -33,9 +77,11 @@ unscale_, so an inf on any rank makes every rank skip the step. Every random dra
 rollout noise, training timesteps and noise) comes from a CPU generator keyed by (seed, step, global
 prompt/sample index), and perturb.py seeds Δ by (seed of the step, prompt), so 1, 2 or 8 ranks with the same global batch compute the same update
 (up to float summation order), and a resumed run repeats exactly what an uninterrupted one does.
-The global batch is prompts_per_step · K · G samples; each rank takes prompts_per_step / world_size
-prompts and accumulates over (its samples / train_micro_batch, at least 1) · int(train_sample_steps ·
-timestep_fraction) micro-steps; validate_config asserts that everything divides. Several nodes: every rank reads the
+The global batch is prompts_per_step · K · G samples (E-GRPO: × the active steps branched); each rank takes
+prompts_per_step / world_size prompts and accumulates over (its samples / train_micro_batch, at least 1) ·
+int(train_sample_steps · timestep_fraction) micro-steps; validate_config asserts that everything divides. The GRPO
+methods micro-batch their kept transitions and all-reduce once per optimizer step (grpo_updates per iteration), each
+rank's loss scaled by world_size / the global count of kept transitions. Several nodes: every rank reads the
 weights, prompts and (on resume) out_dir/ckpt.pt, so they must be on storage all nodes see.
 
 Where this departs from the paper / DiffusionNFT's code
@@ -51,6 +97,24 @@ Where this departs from the paper / DiffusionNFT's code
   does the EMA warm-up.
 - dtype applies on CPU too (torch autocasts and scales there), so the CPU tests run the mixed-precision path a GPU
   runs; the world defaults to float32, the SD3.5 presets to float16 autocast over float32 MMDiT weights.
+
+Where the GRPO methods depart from Flow-GRPO's code (scripts/train_sd3.py, config/grpo.py) and the E-GRPO paper
+- No CFG: rollouts and training run at guidance 1 (Flow-GRPO's geneval_sd3/pickscore_sd3 sample and train with CFG
+  4.5; its *_fast_nocfg presets, DiffusionNFT and E²PO run without). bench.py measures what CFG would cost.
+- The last sampling step (σ_{T−1} → 0) is deterministic (sample.py), so no noise is left in the image; Flow-GRPO
+  injects noise there too (and never trains on that step either).
+- The first update's old log-prob is the policy's own, detached (θ = θ_old then): the ratio is exactly 1 instead of
+  1 up to the float noise between the rollout's and the training forward (logged as logprob_gap); later updates
+  use the rollout's log-probs, as the reference does for all.
+- Zero-advantage samples are dropped without the reference's random re-admission of some of them (which only
+  made the count divisible by its number of batches); the loss is averaged over the kept transitions.
+- The updates' halves are keyed per group (grpo_chunks), not a shuffle of each rank's samples, so 1 or N ranks
+  compute the same steps; the EMA (decay 0.9, warm-up as for nft) updates once per iteration, not every 8 steps.
+- (Not a departure) the KL divides by 2·s_t² (std_dev_t, without dt), as the reference code does.
+- Flow-GRPO-Fast: only the "sde" step type (the reference's Fast presets use its "cps" type; its clip range 1e-5
+  and β = 0 are settings), and the window is drawn per prompt, not per sampling batch.
+- E-GRPO: Euler for the ODE prefix and suffix; the branch noise of a step is shared across E²PO's K variants
+  (like the initial noise); a merge never reaches the final step; egrpo_branch_steps is ours (0 = the paper's all).
 """
 
 import hashlib
@@ -105,6 +169,8 @@ reward = "shapes"           # "name" or "name:weight,name:weight" (reward.py); t
 reward_paths = {}           # local model folders, e.g. {"pickscore": "/models/PickScore_v1"}
 reward_module = "data.shapes.world"   # imported first: registers rewards of its own (the world's shapes, shapes_soft)
 eval_reward = "shapes"      # reward for evaluation ("" = reward); GenEval strict is logged per tag and as the tag mean
+# method: "nft" = DiffusionNFT's objective (E²PO when num_variants > 1), "flow_grpo", "e_grpo" (the docstring)
+method = "nft"
 # E²PO groups
 num_variants = 4            # K: the original prompt + K−1 perturbed variants
 num_seeds = 2               # G: noises per variant (shared across variants, Eq. 8)
@@ -148,6 +214,18 @@ timestep_fraction = 0.99    # train on int(steps·fraction) of the sampler's σ 
                             # More timesteps get more out of each rollout: over seeds 0-2 the world's E²PO gained
                             # 0.013 ± 0.012 at 0.3, 0.035 ± 0.024 at 0.6, 0.038 ± 0.012 at 0.9 (emb_steps 100)
 decay_type = 1              # old adapter: 0 = copy θ, 1 = min(0.001·s, 0.5), 2 = 0 until 75 then min(0.0075·(s−75), 0.999)
+# Flow-GRPO and E-GRPO (method="flow_grpo" / "e_grpo"); they share the optimizer, LoRA, EMA, grad_clip, adv_clip_max,
+# global_std, train_sample_steps and timestep_fraction above, and ignore nft_beta, kl_beta, decay_type, train_solver
+sde_eta = 0.7               # η, the SDE's noise level (Flow-GRPO's noise_level, E-GRPO's a); also train_solver="sde"
+grpo_clip_range = 1e-4      # PPO clip ε on the log-prob ratio
+grpo_kl_beta = 0.04         # β of the KL to the reference (LoRA off) on the step means (Flow-GRPO: GenEval 0.04,
+                            # PickScore 0.01)
+grpo_updates = 1            # optimizer steps per iteration, step u on the u-th slice of every group (Flow-GRPO: 2)
+grpo_variants = False       # E²PO's variants with a GRPO method (the docstring says what that means); False: K → 1
+sde_window = 0              # Flow-GRPO-Fast: w > 0 = only a window of w consecutive SDE steps (the rest Euler), trained
+sde_window_range = (0, 5)   # ... the window lies in steps [lo, hi): start uniform in [lo, hi − w] (Fast: (0, T/2))
+egrpo_tau = 2.2             # E-GRPO's entropy threshold τ on 2πe·a²·σ/(1 − σ)·Δσ, per dimension (the docstring)
+egrpo_branch_steps = 0      # active steps branched per prompt and iteration (0 = every active step of the plan)
 use_ema = True
 ema_decay = 0.9
 max_steps = 80
@@ -168,6 +246,9 @@ CONFIG_KEYS = [k for k, v in globals().items()
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 ADV_EPS = 1e-4              # DiffusionNFT: (R − mean) / (std + 1e-4)
+ZERO_ADV = 1e-8             # GRPO drops samples with |A| at most this (a group of equal rewards: 0 up to rounding)
+GRPO_METHODS = ("flow_grpo", "e_grpo")
+METHODS = ("nft",) + GRPO_METHODS
 
 
 def config_defaults():
@@ -205,6 +286,30 @@ def nft_loss(v_theta, v_old, v_ref, x_sigma, x0, sigma, r, beta=1.0, adv_clip_ma
     loss = policy + kl_beta * kl
     terms = {"loss": loss.detach(), "policy_loss": policy.detach(), "kl": kl.detach(),
              "loss_pos": loss_pos.detach().mean(), "loss_neg": loss_neg.detach().mean()}
+    return loss, terms
+
+
+def grpo_loss(log_prob, old_log_prob, adv, clip_range=1e-4, adv_clip_max=5.0, mean=None, mean_ref=None, std_dev=None,
+              kl_beta=0.0):
+    """Flow-GRPO's loss per transition (M of them): the PPO-clipped policy term and the KL to the reference.
+        ratio = exp(log p_θ − log p_old),  A clipped to ±adv_clip_max
+        policy = max(−A·ratio, −A·clip(ratio, 1 − ε, 1 + ε))
+        kl = mean_CHW((mean_θ − mean_ref)²) / (2·s_t²)   (the reference code's divisor: s_t², not s_t²·|dt|)
+    log_prob carries the gradient (and mean, when kl_beta > 0); mean_ref (None: no KL) and std_dev (M,) do not.
+    Returns (policy + kl_beta·kl, per transition (M,); dict of detached per-transition terms (M,)). The caller takes
+    the mean over the global batch (train.grpo_update: the sum divided by the global count)."""
+    adv = adv.float().clamp(-adv_clip_max, adv_clip_max)
+    log_ratio = log_prob.float() - old_log_prob.float()
+    ratio = torch.exp(log_ratio)
+    policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
+    if mean_ref is not None:
+        dims = tuple(range(1, mean.ndim))
+        kl = ((mean.float() - mean_ref.float()) ** 2).mean(dims) / (2 * std_dev.float() ** 2)
+    else:
+        kl = torch.zeros_like(policy)
+    loss = policy + kl_beta * kl
+    terms = {"loss": loss.detach(), "policy_loss": policy.detach(), "kl": kl.detach(), "ratio": ratio.detach(),
+             "clip_frac": ((ratio.detach() - 1).abs() > clip_range).float(), "approx_kl": 0.5 * log_ratio.detach() ** 2}
     return loss, terms
 
 
@@ -251,6 +356,37 @@ def lerp_params_(dst, src, d):
 
 def num_train_timesteps(cfg):
     return int(cfg.train_sample_steps * cfg.timestep_fraction)
+
+
+def egrpo_plan(cfg):
+    """E-GRPO's active SDE steps [(i, l), ...] on the rollout grid (sample.merge_plan): starts within the first
+    int(train_sample_steps · timestep_fraction) steps, each merged until 2πe·a²·σ/(1 − σ)·Δσ ≥ egrpo_tau."""
+    return sample.merge_plan(sample.sigma_schedule(cfg.train_sample_steps), cfg.sde_eta, cfg.egrpo_tau,
+                             num_train_timesteps(cfg))
+
+
+def flow_grpo_steps(cfg, step, slot):
+    """(the rollout's SDE steps, None = every step but the last; the steps trained on) for one prompt slot.
+    Flow-GRPO trains on the first int(T · timestep_fraction) steps (at most T − 1: the last step is deterministic);
+    Flow-GRPO-Fast (sde_window = w) on a window of w SDE steps, its start keyed by (seed, step, slot)."""
+    if not cfg.sde_window:
+        return None, list(range(min(num_train_timesteps(cfg), cfg.train_sample_steps - 1)))
+    lo, hi = cfg.sde_window_range
+    gen = keyed_generator(cfg.seed, step, "window", slot)
+    start = int(torch.randint(lo, hi - cfg.sde_window + 1, (1,), generator=gen))
+    steps = list(range(start, start + cfg.sde_window))
+    return set(steps), steps
+
+
+def grpo_chunks(cfg, step, num_samples, n_group):
+    """Which of the grpo_updates optimizer steps each sample of the global batch goes to: every group is split
+    evenly, by a permutation keyed by (seed, step, group), so the split does not depend on the rank layout."""
+    chunk = torch.zeros(num_samples, dtype=torch.long)
+    if cfg.grpo_updates > 1:
+        for g in range(num_samples // n_group):
+            perm = torch.randperm(n_group, generator=keyed_generator(cfg.seed, step, "grpo-chunk", g))
+            chunk[g * n_group + perm] = torch.arange(n_group) * cfg.grpo_updates // n_group
+    return chunk
 
 
 # -----------------------------------------------------------------------------
@@ -322,6 +458,14 @@ def group_size(cfg):
     return (cfg.num_variants if cfg.anchor else cfg.num_variants - 1) * cfg.num_seeds
 
 
+def samples_per_prompt(cfg):
+    """Images sampled, decoded and rewarded per prompt and iteration: the group, and for E-GRPO one group per active
+    step branched (egrpo_branch_steps, or every step of the plan)."""
+    if cfg.method != "e_grpo":
+        return group_size(cfg)
+    return group_size(cfg) * (cfg.egrpo_branch_steps or len(egrpo_plan(cfg)))
+
+
 def micro_batch_size(cfg, n_local):
     """Samples per training forward on a rank with n_local samples: a larger setting is one micro-batch."""
     return min(cfg.train_micro_batch, n_local)
@@ -368,6 +512,60 @@ def check_numbers(cfg, bad):
         bad(f"timestep_fraction={cfg.timestep_fraction} leaves no training timestep of {cfg.train_sample_steps}")
 
 
+def check_method(cfg, bad):
+    """The method and its own settings (Flow-GRPO, E-GRPO), before anything loads."""
+    if cfg.method not in METHODS:
+        bad(f"method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.method == "nft":
+        for key in ("sde_window", "egrpo_branch_steps"):
+            if getattr(cfg, key):
+                bad(f"{key} belongs to a GRPO method (method='flow_grpo' / 'e_grpo'); 0 for method='nft'")
+        return
+    if cfg.num_variants > 1 and not cfg.grpo_variants:
+        # E²PO's variants are off for the GRPO methods unless asked for: the world's default K = 4 is E²PO's, and
+        # `python train.py --method=flow_grpo` must run Flow-GRPO itself (config.json records the K = 1 it runs)
+        print0(f"method={cfg.method!r}: E²PO's variants are off (grpo_variants=False), so num_variants="
+               f"{cfg.num_variants} → 1: G = num_seeds = {cfg.num_seeds} noises of the original prompt per group")
+        cfg.num_variants = 1
+    if not cfg.sde_eta > 0:
+        bad(f"sde_eta must be > 0 for method={cfg.method!r} (the SDE's noise level; 0 has no log-probability)")
+    if not cfg.grpo_clip_range > 0:
+        bad(f"grpo_clip_range must be > 0, got {cfg.grpo_clip_range}")
+    if cfg.grpo_kl_beta < 0:
+        bad(f"grpo_kl_beta must be >= 0, got {cfg.grpo_kl_beta}")
+    if not 1 <= cfg.grpo_updates <= group_size(cfg):
+        bad(f"grpo_updates={cfg.grpo_updates} must be in [1, the group of {group_size(cfg)}] (each update takes a "
+            "slice of every group)")
+    if cfg.num_variants > 1 and cfg.grpo_updates > 1:
+        bad("grpo_variants needs grpo_updates=1: the old policy's log-probability under C_orig is known only while "
+            "θ = θ_old, i.e. at the first update (the rollout's is under C_k(σ))")
+    T = cfg.train_sample_steps
+    if T < 2:
+        bad(f"train_sample_steps={T}: {cfg.method} needs >= 2 (the last step is deterministic)")
+    window = cfg.sde_window
+    if window < 0:
+        bad(f"sde_window must be >= 0, got {window}")
+    if cfg.method == "flow_grpo" and window:
+        rng = cfg.sde_window_range
+        if not (len(rng) == 2 and all(isinstance(v, int) for v in rng)):
+            bad(f"sde_window_range must be two ints (lo, hi), got {rng!r}")
+        lo, hi = rng
+        if not (window >= 1 and 0 <= lo and lo + window <= hi <= T - 1):
+            bad(f"sde_window={window} in sde_window_range={rng!r} must fit in steps [0, {T - 1}) (0 <= lo, "
+                f"lo + window <= hi <= train_sample_steps − 1 = {T - 1}: the last step is deterministic)")
+    elif window:
+        bad(f"sde_window={window}: the window is Flow-GRPO-Fast's (method='flow_grpo'); 0 for {cfg.method!r}")
+    if cfg.method == "e_grpo":
+        if not cfg.egrpo_tau > 0:
+            bad(f"egrpo_tau must be > 0, got {cfg.egrpo_tau}")
+        plan = egrpo_plan(cfg)     # never empty: T >= 2 and at least one training step (check_numbers)
+        if not 0 <= cfg.egrpo_branch_steps <= len(plan):
+            bad(f"egrpo_branch_steps={cfg.egrpo_branch_steps} must be in [0, {len(plan)}] (the plan's active steps "
+                f"{plan})")
+    elif cfg.egrpo_branch_steps:
+        bad(f"egrpo_branch_steps is E-GRPO's (method='e_grpo'); 0 for {cfg.method!r}")
+
+
 def check_out_dir(cfg):
     """A new run never writes into another run's out_dir; a resumed run needs a readable checkpoint there, and
     settings that define the run must match it (unless resume_override). Returns the checkpoint (or None)."""
@@ -398,6 +596,7 @@ def validate_config(cfg, world_size):
     def bad(msg):
         raise ValueError(f"config: {msg}")
     check_numbers(cfg, bad)
+    check_method(cfg, bad)
     if not cfg.anchor and cfg.num_variants < 2:
         bad("anchor=False drops C_orig from the group, so it needs num_variants >= 2")
     n_group = group_size(cfg)
@@ -406,7 +605,7 @@ def validate_config(cfg, world_size):
     if cfg.prompts_per_step % world_size:
         bad(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the world size {world_size}")
     n_local = cfg.prompts_per_step // world_size * n_group
-    if n_local % micro_batch_size(cfg, n_local):
+    if cfg.method == "nft" and n_local % micro_batch_size(cfg, n_local):   # GRPO micro-batches its kept transitions
         bad(f"train_micro_batch={cfg.train_micro_batch} does not divide the {n_local} samples per rank "
             f"(prompts_per_step/world_size × group of {n_group})")
     if n_group % cfg.rollout_micro_batch and cfg.rollout_micro_batch < n_group:
@@ -741,7 +940,7 @@ def build_run(cfg, world):
     for module in (mmdit, vae, text):
         module.requires_grad_(False).eval()
     M.add_lora(mmdit, rank=cfg.lora_rank, alpha=cfg.lora_alpha, adapter="policy", seed=cfg.seed)
-    adapters = ["policy", "old"] + (["ema"] if cfg.use_ema else [])
+    adapters = ["policy"] + (["old"] if cfg.method == "nft" else []) + (["ema"] if cfg.use_ema else [])
     for a in adapters[1:]:
         M.copy_adapter(mmdit, "policy", a)
     for a in adapters:   # LoRA weights stay float32 (GradScaler needs float32 master weights)
@@ -810,24 +1009,66 @@ def score(reward_fn, images, prompts, metadata):
     return {k: torch.as_tensor(v, dtype=torch.float32).detach().reshape(-1).cpu() for k, v in out.items()}, time.time() - t0
 
 
-def rollout(run, step, slots, items, perturbed):
-    """Group rollouts with the old adapter, prompt by prompt; each group's reward is computed in the
-    background while the next group samples. Returns (groups, rewards dict of (N_local,), reward seconds)."""
+def sample_nft(run, step, slot, one):
+    """DiffusionNFT / E²PO rollouts of one prompt: train_solver with the "old" adapter, nothing stored per step."""
     cfg = run.cfg
     lat = cfg.resolution // run.vae.factor
+    return sample.sample_groups(
+        run.model, run.vae, one, cfg.num_seeds, num_steps=cfg.train_sample_steps, solver=cfg.train_solver,
+        rho=cfg.rho, schedule=cfg.schedule, anchor=cfg.anchor, micro_batch=cfg.rollout_micro_batch,
+        latent_size=(lat, lat), generator=keyed_generator(cfg.seed, step, "rollout", slot),
+        adapter="old", decode=True, eta=cfg.sde_eta)
+
+
+def sample_flow_grpo(run, step, slot, one):
+    """Flow-GRPO rollouts of one prompt, on-policy (the "policy" adapter, before this iteration's update): the SDE
+    (η = sde_eta) on every step but the last, or on Flow-GRPO-Fast's window; the trajectory and the per-step
+    log-probs are kept, and the steps to train on."""
+    cfg = run.cfg
+    lat = cfg.resolution // run.vae.factor
+    sde_steps, train_steps = flow_grpo_steps(cfg, step, slot)
+    group = sample.sample_groups(
+        run.model, run.vae, one, cfg.num_seeds, num_steps=cfg.train_sample_steps, solver="sde", rho=cfg.rho,
+        schedule=cfg.schedule, anchor=cfg.anchor, micro_batch=cfg.rollout_micro_batch, latent_size=(lat, lat),
+        generator=keyed_generator(cfg.seed, step, "rollout", slot), adapter="policy", decode=True, eta=cfg.sde_eta,
+        sde_steps=sde_steps, record=True)
+    group.train_steps = train_steps
+    return group
+
+
+def sample_e_grpo(run, step, slot, one):
+    """E-GRPO rollouts of one prompt, on-policy: an ODE prefix, G branches per active step with one merged SDE step,
+    ODE to the end (sample.sample_branches). egrpo_branch_steps > 0 branches that many of the plan's active steps,
+    drawn per prompt by (seed, step, slot)."""
+    cfg = run.cfg
+    lat = cfg.resolution // run.vae.factor
+    plan = egrpo_plan(cfg)
+    if cfg.egrpo_branch_steps:
+        pick = torch.randperm(len(plan), generator=keyed_generator(cfg.seed, step, "egrpo-steps", slot))
+        plan = [plan[a] for a in sorted(pick[:cfg.egrpo_branch_steps].tolist())]
+    branches = sample.sample_branches(
+        run.model, run.vae, one, cfg.num_seeds, plan, num_steps=cfg.train_sample_steps, eta=cfg.sde_eta, rho=cfg.rho,
+        schedule=cfg.schedule, anchor=cfg.anchor, micro_batch=cfg.rollout_micro_batch, latent_size=(lat, lat),
+        generator=keyed_generator(cfg.seed, step, "rollout", slot), adapter="policy", decode=True)
+    branches.plan = plan
+    return branches
+
+
+def rollout(run, step, slots, items, perturbed, sampler=sample_nft):
+    """Rollouts prompt by prompt with `sampler` (sample_nft: groups with the old adapter); each prompt's reward is
+    computed in the background while the next prompt samples. Returns (groups, rewards dict of (N_local,), reward
+    seconds)."""
+    cfg = run.cfg
     groups, futures = [], []
     for i, (slot, item) in enumerate(zip(slots, items)):
         one = SimpleNamespace(context=perturbed.context[i:i + 1], pooled=perturbed.pooled[i:i + 1])
         with run.ctx(), torch.no_grad():
-            group = sample.sample_groups(
-                run.model, run.vae, one, cfg.num_seeds, num_steps=cfg.train_sample_steps, solver=cfg.train_solver,
-                rho=cfg.rho, schedule=cfg.schedule, anchor=cfg.anchor, micro_batch=cfg.rollout_micro_batch,
-                latent_size=(lat, lat), generator=keyed_generator(cfg.seed, step, "rollout", slot),
-                adapter="old", decode=True)
+            group = sampler(run, step, slot, one)
         n = len(group.latents)
         futures.append(run.executor.submit(score, run.reward_fn, group.images, [item["prompt"]] * n, [item] * n))
         if cfg.anchor and cfg.num_variants > 1 and cfg.num_seeds > 1:   # how much the variants change the image
-            group.spread = sample.variant_spread(group.images, group.variant, group.seed_idx)
+            first = slice(0, group_size(cfg))                            # (E-GRPO: in the first active step's group)
+            group.spread = sample.variant_spread(group.images[first], group.variant[first], group.seed_idx[first])
         groups.append(group)
     results = [f.result() for f in futures]
     rewards = {k: torch.cat([r[0][k] for r in results]) for k in results[0][0]}
@@ -854,6 +1095,15 @@ def spread_stats(groups, world):
 def advantages(run, rewards):
     """Gather every rank's rewards (global sample order = rank-major), form groups by prompt slot,
     return (this rank's r (N_local,), log stats)."""
+    out = group_advantages(run, rewards)
+    return out.r, out.stats
+
+
+def group_advantages(run, rewards):
+    """advantages() with everything the GRPO update needs too: SimpleNamespace(adv: the clipped advantages of the
+    whole global batch (N_global,) float64, in global sample order; r: this rank's r (N_local,); stats; n_local).
+    Groups are runs of group_size(cfg) consecutive samples: a prompt's (NFT, Flow-GRPO) or a (prompt, active step)'s
+    (E-GRPO)."""
     cfg, world = run.cfg, run.world
     names = sorted(rewards)
     local = torch.stack([rewards[k] for k in names], 1).to(world.device)   # (N_local, n_rewards)
@@ -870,7 +1120,8 @@ def advantages(run, rewards):
     if cfg.anchor and cfg.num_variants > 1 and cfg.num_seeds > 1:  # spread of the anchor alone (what K=1 sees)
         keep = (torch.arange(len(avg)) % n_group) < cfg.num_seeds    # group order: variant-major, k = 0 first
         stats["reward_std_anchor"] = group_stats(avg[keep], group_ids[keep])[0]
-    return r[world.rank * n_local:(world.rank + 1) * n_local].float(), stats
+    return SimpleNamespace(adv=adv, r=r[world.rank * n_local:(world.rank + 1) * n_local].float(), stats=stats,
+                           n_local=n_local)
 
 
 @torch.no_grad()
@@ -944,11 +1195,173 @@ def nft_update(run, step, groups, perturbed, slots, r):
     return out
 
 
+def flow_grpo_transitions(run, groups):
+    """Flow-GRPO's training transitions: every (sample, trained step t) pair, x(σ_t) → x(σ_{t+1}) with its rollout
+    log-prob; one next state per transition (n = 1). Sample indices follow the rewards' (local) order."""
+    sig = sample.sigma_schedule(run.cfg.train_sample_steps).to(run.world.device)
+    parts, offset = [], 0
+    for i, g in enumerate(groups):
+        N, steps = len(g.latents), torch.tensor(g.train_steps)
+        n_t = len(steps)
+        parts.append(dict(
+            x=g.trajectory[:, steps].flatten(0, 1), x_next=g.trajectory[:, steps + 1].flatten(0, 1)[:, None],
+            log_prob=g.log_probs[:, steps].reshape(-1, 1),
+            sigma=sig[steps].repeat(N), sigma_next=sig[steps + 1].repeat(N),
+            prompt=torch.full((N * n_t,), i), sample=(offset + torch.arange(N)).repeat_interleave(n_t)[:, None],
+            orig=(g.variant == 0).repeat_interleave(n_t)))
+        offset += N
+    out = SimpleNamespace(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+    out.per_sample = len(groups[0].train_steps)          # the same for every sample (all steps, or the window's w)
+    return out
+
+
+def e_grpo_transitions(run, groups):
+    """E-GRPO's training transitions: one per (prompt, active step, variant) branch point, the merged SDE step
+    σ_i → σ_{i+l} to each of its G branches (n = G): the G log-probs share one policy forward."""
+    G, parts, offset = run.cfg.num_seeds, [], 0
+    for i, b in enumerate(groups):
+        N = len(b.latents)
+        U = N // G
+        parts.append(dict(
+            x=b.x[::G], x_next=b.x_next.view(U, G, *b.x_next.shape[1:]), log_prob=b.log_prob.view(U, G),
+            sigma=b.sigma[::G], sigma_next=b.sigma_next[::G], prompt=torch.full((U,), i),
+            sample=(offset + torch.arange(N)).view(U, G), orig=b.variant[::G] == 0))
+        offset += N
+    out = SimpleNamespace(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+    out.per_sample = 1
+    return out
+
+
+@torch.no_grad()
+def frozen_forward(run, adapter, x, sigma, context, pooled):
+    """v under `adapter` (None: LoRA off, the reference), no grad, in chunks of rollout_micro_batch samples."""
+    bs = run.cfg.rollout_micro_batch
+    with run.ctx(), M.use_adapter(run.model, adapter):
+        return torch.cat([run.model(x[a:a + bs], sigma[a:a + bs], context[a:a + bs], pooled[a:a + bs]).float()
+                          for a in range(0, len(x), bs)])
+
+
+GRPO_TERMS = ("loss", "policy_loss", "kl", "ratio", "clip_frac", "approx_kl", "logprob_gap")
+
+
+def grpo_update(run, step, units, perturbed, ga):
+    """grpo_updates optimizer steps of the Flow-GRPO objective on this rank's transitions, conditioned on C_orig.
+    Samples whose advantage is zero are dropped; update u takes the u-th slice of every group (grpo_chunks) and
+    averages the loss over that slice's kept transitions in the whole global batch (each rank scales its sum by
+    world_size / that count, so the all-reduced mean gradient is the global mean). The first update is on-policy:
+    θ still equals the rollout policy, so its old log-prob is the policy's own, detached, and the ratio is exactly 1;
+    later updates use the rollout's log-probs (the reference's). Returns log terms (means over the kept transitions
+    of every update and rank), grad norm (mean over the updates taken) and whether a step was skipped."""
+    cfg, world, dev, model = run.cfg, run.world, run.world.device, run.model
+    context, pooled = perturbed.context[:, 0], perturbed.pooled[:, 0]   # C_orig (P_local, S, 4096), (P_local, 2048)
+    base = world.rank * ga.n_local
+    keep_all = ga.adv.abs() > ZERO_ADV
+    chunk_all = grpo_chunks(cfg, step, len(ga.adv), group_size(cfg))
+    adv = ga.adv[base:base + ga.n_local].float()
+    keep, chunk = keep_all[base:base + ga.n_local], chunk_all[base:base + ga.n_local]
+    sums, counts = torch.zeros(len(GRPO_TERMS), dtype=torch.float64), torch.zeros(len(GRPO_TERMS), dtype=torch.float64)
+    norms, skipped = [], False
+    for c in range(cfg.grpo_updates):
+        n_terms = int((keep_all & (chunk_all == c)).sum()) * units.per_sample    # kept transitions, every rank
+        if n_terms == 0:
+            continue
+        mask = keep[units.sample] & (chunk[units.sample] == c)                  # (U, n)
+        live = mask.any(1).nonzero().flatten()
+        model.train()
+        for a in range(0, len(live), cfg.train_micro_batch):
+            u = live[a:a + cfg.train_micro_batch]
+            x, sigma, sigma_next = units.x[u].to(dev), units.sigma[u].to(dev), units.sigma_next[u].to(dev)
+            ctx_b, pool_b = context[units.prompt[u]].to(dev), pooled[units.prompt[u]].to(dev)
+            v_ref = frozen_forward(run, None, x, sigma, ctx_b, pool_b) if cfg.grpo_kl_beta > 0 else None
+            with run.ctx(), M.use_adapter(model, "policy"):
+                v = model(x, sigma, ctx_b, pool_b)
+            uu, jj = mask[u].nonzero(as_tuple=True)                                # the kept (unit, branch) pairs
+            step_args = (sigma[uu], sigma_next[uu], cfg.sde_eta)
+            target = units.x_next[u][uu, jj].to(dev)
+            _, log_prob, mean, std_dev = sample.sde_step(x[uu], v[uu], *step_args, prev_sample=target)
+            mean_ref = None
+            if v_ref is not None:
+                mean_ref = sample.sde_step(x[uu], v_ref[uu], *step_args, prev_sample=target)[2]
+            rollout_lp = units.log_prob[u][uu, jj].to(dev)
+            old = log_prob.detach() if c == 0 else rollout_lp
+            loss, terms = grpo_loss(log_prob, old, adv[units.sample[u][uu, jj]].to(dev), cfg.grpo_clip_range,
+                                    cfg.adv_clip_max, mean, mean_ref, std_dev, cfg.grpo_kl_beta)
+            run.scaler.scale(loss.sum() * (world.world_size / n_terms)).backward()
+            if c == 0:    # the rollout's own transition recomputed: they differ by float noise only (C_orig members)
+                orig = units.orig[u][uu].to(dev)
+                terms["logprob_gap"] = torch.where(orig, (log_prob.detach() - rollout_lp).abs(), 0.0)
+            for k, name in enumerate(GRPO_TERMS):
+                if name in terms:
+                    sums[k] += terms[name].double().sum().cpu()
+                    counts[k] += (int(orig.sum()) if name == "logprob_gap" else len(uu))
+        model.eval()
+        all_reduce_grads(run.params, world)
+        run.scaler.unscale_(run.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if torch.isfinite(grad_norm).item():
+            run.scaler.step(run.optimizer)
+        else:
+            skipped = True
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        norms.append(grad_norm.item())
+    both = torch.stack([sums, counts]).to(dev)
+    if world.ddp:
+        dist.all_reduce(both)
+    sums, counts = both.cpu()
+    out = {name: (sums[k] / counts[k]).item() for k, name in enumerate(GRPO_TERMS) if counts[k] > 0}
+    out.update(grad_norm=float(np.mean(norms)) if norms else 0.0, skipped=skipped, updates=len(norms),
+               kept_fraction=keep_all.double().mean().item())
+    return out
+
+
+def plan_stats(run, groups):
+    """E-GRPO's branched steps this iteration, averaged over all prompts: active steps, merged ones (l > 1), and
+    their entropy per dimension h/d = ½·log(2πe·a²·σ/(1 − σ)·Δσ) (nats)."""
+    sig = sample.sigma_schedule(run.cfg.train_sample_steps).double().tolist()
+    rows = [[len(b.plan), sum(l > 1 for _, l in b.plan),
+             float(np.mean([sample.step_entropy(sig[i], sig[i + l], run.cfg.sde_eta) for i, l in b.plan]))]
+            for b in groups]
+    local = torch.tensor(rows, dtype=torch.float64).mean(0).to(run.world.device)
+    if run.world.ddp:
+        dist.all_reduce(local)
+        local /= run.world.world_size
+    active, merged, entropy = local.tolist()
+    return {"egrpo_active_steps": active, "egrpo_merged_steps": merged, "egrpo_step_entropy": entropy}
+
+
+def nft_phase(run, step, groups, perturbed, slots, rewards):
+    """Advantages → r, then one NFT optimizer step. Returns (reward stats, update terms)."""
+    r, stats = advantages(run, rewards)
+    return stats, nft_update(run, step, groups, perturbed, slots, r)
+
+
+def grpo_phase(transitions, extra_stats, run, step, groups, perturbed, slots, rewards):
+    """Advantages (the gathered batch), the method's transitions, grpo_update (+ extra_stats(run, groups)).
+    Returns (reward stats, update terms)."""
+    ga = group_advantages(run, rewards)
+    terms = grpo_update(run, step, transitions(run, groups), perturbed, ga)
+    if extra_stats is not None:
+        terms.update(extra_stats(run, groups))
+    return ga.stats, terms
+
+
+# method → (rollout sampler, update phase): where the methods differ; the loop (train) is the same for all
+METHOD_PHASES = {
+    "nft": (sample_nft, nft_phase),
+    "flow_grpo": (sample_flow_grpo, lambda *a: grpo_phase(flow_grpo_transitions, None, *a)),
+    "e_grpo": (sample_e_grpo, lambda *a: grpo_phase(e_grpo_transitions, plan_stats, *a)),
+}
+
+
 @torch.no_grad()
 def update_old_and_ema(run, num_updates):
-    """old ← d·old + (1−d)·θ (decay_type schedule); ema ← d'·ema + (1−d')·θ (warm-up)."""
-    d = old_decay(num_updates, run.cfg.decay_type)
-    lerp_params_(M.lora_parameters(run.model, "old"), run.params, d)
+    """old ← d·old + (1−d)·θ (decay_type schedule); ema ← d'·ema + (1−d')·θ (warm-up). Returns d (None without an
+    "old" adapter: the GRPO methods sample with the policy itself)."""
+    d = None
+    if "old" in run.adapters:
+        d = old_decay(num_updates, run.cfg.decay_type)
+        lerp_params_(M.lora_parameters(run.model, "old"), run.params, d)
     if run.cfg.use_ema:
         lerp_params_(M.lora_parameters(run.model, "ema"), run.params, ema_decay_at(num_updates, run.cfg.ema_decay))
     return d
@@ -1011,8 +1424,9 @@ def run_eval(run, step, tag=None):
 
 
 def save_group_grid(run, step, group):
-    """One rollout group: rows = variants (row 0 = the original prompt), columns = seeds."""
-    order = torch.argsort(group.variant * run.cfg.num_seeds + group.seed_idx)
+    """One rollout group: rows = variants (row 0 = the original prompt; E-GRPO: per active step), columns = seeds."""
+    rows = group.variant + getattr(group, "step_idx", 0) * run.cfg.num_variants
+    order = torch.argsort(rows * run.cfg.num_seeds + group.seed_idx)
     sample.save_grid(group.images[order], os.path.join(run.cfg.out_dir, "groups", f"step_{step:06d}.png"),
                      ncols=run.cfg.num_seeds)
 
@@ -1045,11 +1459,18 @@ def train(cfg_dict):
             json.dump(config_to_json(cfg), f, indent=1)
         os.replace(tmp, os.path.join(cfg.out_dir, "config.json"))
     logger = Logger(cfg, world, start)
-    n_global = cfg.prompts_per_step * group_size(cfg)
+    n_global = cfg.prompts_per_step * samples_per_prompt(cfg)
     n_local = n_global // world.world_size
-    print0(f"world {world.world_size} · {cfg.prompts_per_step} prompts × K={cfg.num_variants} × G={cfg.num_seeds} "
-           f"= {n_global} samples/step · {n_local // micro_batch_size(cfg, n_local)} micro-batches × "
-           f"{num_train_timesteps(cfg)} timesteps per rank")
+    sampler, update = METHOD_PHASES[cfg.method]
+    if cfg.method == "nft":
+        print0(f"world {world.world_size} · {cfg.prompts_per_step} prompts × K={cfg.num_variants} × G={cfg.num_seeds} "
+               f"= {n_global} samples/step · {n_local // micro_batch_size(cfg, n_local)} micro-batches × "
+               f"{num_train_timesteps(cfg)} timesteps per rank")
+    else:
+        print0(f"{cfg.method} · world {world.world_size} · {cfg.prompts_per_step} prompts × "
+               f"{samples_per_prompt(cfg)} images (K={cfg.num_variants} × G={cfg.num_seeds}"
+               + (f" × {cfg.egrpo_branch_steps or len(egrpo_plan(cfg))} active steps of the plan {egrpo_plan(cfg)}"
+                  if cfg.method == "e_grpo" else "") + f") = {n_global} samples/step · {cfg.grpo_updates} update(s)")
 
     if cfg.eval_every > 0 and start == 0:
         means = run_eval(run, 0, "before.png")
@@ -1061,17 +1482,17 @@ def train(cfg_dict):
         slots, items = local_prompts(run, step)
         perturbed = learn_deltas(run, step, items)
         sync(world.device); t1 = time.time()
-        groups, rewards, reward_s = rollout(run, step, slots, items, perturbed)
+        groups, rewards, reward_s = rollout(run, step, slots, items, perturbed, sampler)
         sync(world.device); t2 = time.time()
-        r, stats = advantages(run, rewards)
-        terms = nft_update(run, step, groups, perturbed, slots, r)
+        stats, terms = update(run, step, groups, perturbed, slots, rewards)
         sync(world.device); t3 = time.time()
         decay = update_old_and_ema(run, step + 1)
         run.skipped = run.skipped + 1 if terms["skipped"] else 0
         if run.skipped > cfg.max_skipped_steps:
             raise RuntimeError(f"{run.skipped} consecutive steps had a non-finite loss or gradient "
                                f"(last grad norm {terms['grad_norm']}); lower learning_rate or try dtype='bfloat16'")
-        row.update(stats, **terms, lr=run.optimizer.param_groups[0]["lr"], old_decay=decay,
+        row.update(stats, **terms, lr=run.optimizer.param_groups[0]["lr"],
+                   **({"old_decay": decay} if decay is not None else {}),
                    images_per_s=n_global / max(t2 - t1, 1e-9), time_delta=t1 - t0, time_rollout=t2 - t1,
                    time_reward=reward_s, time_update=t3 - t2)
         row.update(perturb_stats(perturbed, world), **spread_stats(groups, world))
@@ -1083,7 +1504,8 @@ def train(cfg_dict):
             means = run_eval(run, step + 1, "after.png" if last else None)
             row.update({f"eval_{k}" if k != "avg" else "eval_reward": v for k, v in means.items()})
         logger.log(row)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", std=f"{row['reward_std']:.3f}", loss=f"{row['loss']:.4f}")
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", std=f"{row['reward_std']:.3f}",
+                        loss=f"{row.get('loss', float('nan')):.4f}")
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:
             save_checkpoint(run, step + 1)
     finish(run, logger)

@@ -1,15 +1,24 @@
 """
-DiffusionNFT against E²PO at the same sample budget on the shapes world: the paper's Table 1 / Fig. 2
-question at toy scale.
+DiffusionNFT against E²PO (and Flow-GRPO, E-GRPO) at the same sample budget on the shapes world: the paper's
+Table 1 / Fig. 2 question at toy scale.
 
-Every method draws N = budget samples per prompt group (same prompts_per_step, max_steps, learning rate,
-samplers, everything else), so each step costs the same number of rollouts:
+Every method draws N = budget images per prompt (same prompts_per_step, max_steps, learning rate, everything
+else), so each step samples, decodes and rewards the same number of images, prompts_per_step · N:
 
     nft        DiffusionNFT: K=1 variant, G=N seeds
     e2po       E²PO: K variants (the original prompt + K−1 perturbed), G=N/K seeds (N=8: K=4, G=2)
     static     e2po with schedule="static" (the perturbation is kept at every noise level, γ ≡ 1)
     no_anchor  e2po with anchor=False: the original prompt is not in the group, so K+1 variants of
                which K perturbed × G seeds = N samples (the update still uses the original prompt)
+    flow_grpo  Flow-GRPO: G=N SDE trajectories per prompt (η 0.7), trained on 9 of their 10 steps, two optimizer
+               steps per iteration (Flow-GRPO's SD3.5 presets), β 0.04
+    e_grpo     E-GRPO: 2 of the plan's active steps per prompt (egrpo_branch_steps=2, drawn per prompt) × G=N/2
+               branches = N images; groups are (prompt, step) of N/2 with per-group std. Besides the N images it
+               runs the shared ODE prefix (up to the branch point, no image of its own)
+Model evaluations per image differ: NFT/E²PO 10 (DPM-Solver++), Flow-GRPO 10 (SDE), E-GRPO 10 − i − l for a
+branch of the merged step i → i+l (which reuses the prefix's velocity) plus the shared prefix's i + 1 per prompt;
+training forwards per image: NFT 9 (+ old and reference, no grad), Flow-GRPO 9 (+ reference), E-GRPO one per
+(prompt, step) group, shared by its G branches (+ reference).
 
 For each seed and method it runs `python train.py --key=value ...` in a subprocess (one torch thread
 each; --jobs runs that many at once) into OUT/<method>-s<seed>/, then reads every log.jsonl and writes
@@ -47,16 +56,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 from train import num_seeds as DEFAULT_G, num_variants as DEFAULT_K   # noqa: E402  (the default run's K × G)
 
-METHODS = ("nft", "e2po", "static", "no_anchor")
-COLORS = {"nft": (214, 39, 40), "e2po": (31, 119, 180), "static": (44, 160, 44), "no_anchor": (255, 127, 14)}
-SMOKE = {"max_steps": 1, "prompts_per_step": 1, "emb_steps": 2, "train_sample_steps": 2, "timestep_fraction": 0.5,
+METHODS = ("nft", "e2po", "static", "no_anchor", "flow_grpo", "e_grpo")
+COLORS = {"nft": (214, 39, 40), "e2po": (31, 119, 180), "static": (44, 160, 44), "no_anchor": (255, 127, 14),
+          "flow_grpo": (148, 103, 189), "e_grpo": (140, 86, 75)}
+SMOKE = {"max_steps": 1, "prompts_per_step": 1, "emb_steps": 2, "train_sample_steps": 4, "timestep_fraction": 0.5,
          "eval_sample_steps": 2, "eval_num_prompts": 2, "eval_num_images": 1, "eval_every": 1, "save_every": 1, "log_images_every": 0}
 
 
 def method_overrides(method, budget, k):
-    """train.py settings that define each method at N = budget samples per group."""
+    """train.py settings that define each method at N = budget images per prompt."""
     if method == "nft":
         return {"num_variants": 1, "num_seeds": budget}
+    if method == "flow_grpo":
+        return {"method": "flow_grpo", "num_variants": 1, "num_seeds": budget, "grpo_updates": 2}
+    if method == "e_grpo":
+        assert budget % 2 == 0, f"--budget {budget} must be even for e_grpo (2 active steps × G)"
+        return {"method": "e_grpo", "num_variants": 1, "num_seeds": budget // 2, "egrpo_branch_steps": 2,
+                "global_std": False}
     assert budget % k == 0, f"--budget {budget} must be a multiple of --k {k}"
     e2po = {"num_variants": k, "num_seeds": budget // k}
     return {"e2po": e2po, "static": {**e2po, "schedule": "static"},
@@ -125,6 +141,8 @@ def table(results):
         before += [s["test0"] for s in sums if s["test0"] is not None]
         c = runs[0][1]
         kg = f"{c['num_variants']}{'' if c['anchor'] else ' (no anchor)'} × {c['num_seeds']}"
+        if c.get("method") == "e_grpo":      # G branches at each of this many active steps
+            kg += f" × {c.get('egrpo_branch_steps') or 'all'} steps"
         gains = [s["test"] - s["test0"] for s in sums if s["test0"] is not None]
         lines.append(f"| {method} | {kg} | {pm([s['test'] for s in sums])} | {pm(gains)} | {pm([s['strict'] for s in sums])} | "
                      f"{pm([s['std'] for s in sums])} | {pm([s['std_anchor'] for s in sums])} | {pm([s['zero'] for s in sums], 2)} | "
@@ -187,7 +205,7 @@ def plot(results, path, keys=(("reward_mean", "training reward (mean)"), ("rewar
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--budget", type=int, default=DEFAULT_K * DEFAULT_G, help="N = K·G samples per prompt group, for "
+    ap.add_argument("--budget", type=int, default=DEFAULT_K * DEFAULT_G, help="N images per prompt (K·G for E²PO), for "
                     "every method (default: train.py's K·G)")
     ap.add_argument("--k", type=int, default=DEFAULT_K, help="E²PO's K (G = budget / K; default: train.py's)")
     ap.add_argument("--max_steps", type=int, default=None, help="default: train.py's")
