@@ -1285,6 +1285,197 @@ def test_sample_cli_reads_the_shipped_pipeline_with_its_own_t5_tokens_and_size(t
         assert Image.open(tmp_path / "k0_g0.png").size == (side, side)
 
 
+# ---------------------------------------------------------------------------------------- Flow-GRPO's SDE step and log-prob, recorded rollouts, E-GRPO's entropy, merges, branches
+def sde_step_float64(x, v, sigma, sigma_next, eta, prev_sample=None, noise=None):
+    """The issue's formulas, in float64: dt = σ' − σ; s_t = η·√(σ/(1 − σ)) with σ' in the denominator where σ = 1;
+    mean = x·(1 + s_t²·dt/(2σ)) + v·(1 + s_t²(1 − σ)/(2σ))·dt; std = s_t·√(−dt); the Gaussian log-density of
+    prev_sample averaged over C, H, W. Returns (prev_sample, log_prob, mean, s_t)."""
+    x, v = x.double(), v.double()
+    s = torch.as_tensor(sigma).double().reshape(-1, 1, 1, 1)
+    s_next = torch.as_tensor(sigma_next).double().reshape(-1, 1, 1, 1)
+    dt = s_next - s
+    s_t = eta * torch.sqrt(s / (1 - torch.where(s == 1, s_next, s)))
+    mean = x * (1 + s_t ** 2 * dt / (2 * s)) + v * (1 + s_t ** 2 * (1 - s) / (2 * s)) * dt
+    std = s_t * torch.sqrt(-dt)
+    if prev_sample is None:
+        prev_sample = mean + std * noise.double()
+    density = -((prev_sample.double() - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return prev_sample, density.mean((1, 2, 3)), mean, s_t.flatten()
+
+
+def _sde_inputs(seed=0, B=4):
+    g = torch.Generator().manual_seed(seed)
+    sig = S.sigma_schedule(10)
+    sigma, sigma_next = sig[[0, 3, 7, 9]][:B], sig[[1, 4, 8, 10]][:B]     # σ = 1, two inner steps, the last (σ' = 0)
+    x, v, noise = (torch.randn(B, 16, 4, 4, generator=g) for _ in range(3))
+    return x, v, sigma, sigma_next, noise
+
+
+def test_sample_sde_step_matches_float64_transcription():
+    x, v, sigma, sigma_next, noise = _sde_inputs()
+    ref = sde_step_float64(x, v, sigma, sigma_next, 0.7, noise=noise)
+    ours64 = S.sde_step(x.double(), v.double(), sigma.double(), sigma_next.double(), 0.7, noise=noise.double())
+    for a, b in zip(ours64, ref):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    ours32 = S.sde_step(x, v, sigma, sigma_next, 0.7, noise=noise)
+    for a, b in zip(ours32, ref):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    # σ = 1 takes σ' in the denominator (the reference's sigmas[1]): s_t = η·√(1/(1 − σ_1))
+    assert math.isclose(ours64[3][0].item(), 0.7 * math.sqrt(1 / (1 - float(sigma_next[0]))), rel_tol=1e-12)
+    # the log-prob is torch.distributions.Normal's, averaged (not summed) over C, H, W
+    std = ours64[3].view(-1, 1, 1, 1) * torch.sqrt(sigma.double() - sigma_next.double()).view(-1, 1, 1, 1)
+    normal = torch.distributions.Normal(ours64[2], std).log_prob(ours64[0]).mean((1, 2, 3))
+    torch.testing.assert_close(ours64[1], normal, rtol=1e-12, atol=1e-12)
+
+
+def test_sample_sde_step_scores_a_given_sample_and_rejects_bad_input():
+    x, v, sigma, sigma_next, noise = _sde_inputs(1)
+    prev = torch.randn_like(x)
+    v = v.clone().requires_grad_(True)
+    out, log_prob, mean, _ = S.sde_step(x, v, sigma, sigma_next, 0.7, prev_sample=prev, noise=noise)
+    assert out is prev                                                # returned unchanged; the noise is not used
+    torch.testing.assert_close(log_prob.double(), sde_step_float64(x, v.detach(), sigma, sigma_next, 0.7, prev)[1],
+                               rtol=1e-5, atol=1e-5)
+    log_prob.sum().backward()                                         # the gradient reaches v through the mean
+    assert v.grad is not None and v.grad.abs().sum() > 0
+    # a drawn sample has the highest density at its mean, and a larger η spreads it (lower density at the mean)
+    at_mean = S.sde_step(x, v.detach(), sigma, sigma_next, 0.7, prev_sample=mean.detach())[1]
+    assert (at_mean > log_prob.detach()).all()
+    assert (S.sde_step(x, v.detach(), sigma, sigma_next, 1.4, prev_sample=mean.detach())[1] < at_mean).all()
+    for kwargs, match in ((dict(eta=0.0, noise=noise), "eta must be > 0"), (dict(eta=0.7), "needs noise"),
+                          (dict(eta=0.7, noise=noise, sigma_next=sigma), "sigma > sigma_next")):
+        args = {"sigma_next": sigma_next, **kwargs}
+        with pytest.raises(ValueError, match=match):
+            S.sde_step(x, v.detach(), sigma, **args)
+
+
+def test_sample_sde_solver_is_sde_step_and_records_its_trajectory():
+    """sample(solver="sde") is the loop of sde_step (Euler on the last step); sample_groups(record=True) keeps every x
+    and log-prob, and the stored log-prob is the one sde_step gives the stored next x; a window (sde_steps) leaves
+    the other steps Euler."""
+    P, G, T = 1, 3, 6
+    pert = _perturbed(P, 1)
+    f = GaussianFlow(0.6)
+    grp = S.sample_groups(f, None, pert, G, num_steps=T, solver="sde", eta=0.7, latent_size=(4, 4), record=True,
+                          generator=torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn((P, G, 16, 4, 4), generator=gen)[0]
+    noises = [torch.randn((P, G, 16, 4, 4), generator=gen)[0] for _ in range(T - 1)]
+    sig = S.sigma_schedule(T)
+    ctx, pol = pert.context[0, 0].expand(G, -1, -1), pert.pooled[0, 0].expand(G, -1)
+    assert grp.trajectory.shape == (G, T + 1, 16, 4, 4) and grp.log_probs.shape == (G, T)
+    for i in range(T):
+        assert torch.equal(grp.trajectory[:, i], x)
+        v = f(x, sig[i].expand(G), ctx, pol)
+        if i < T - 1:
+            x, log_prob, _, _ = S.sde_step(x, v, sig[i].expand(G), sig[i + 1].expand(G), 0.7, noise=noises[i])
+            assert torch.equal(grp.log_probs[:, i], log_prob)
+            rescored = S.sde_step(grp.trajectory[:, i], v, sig[i].expand(G), sig[i + 1].expand(G), 0.7,
+                                  prev_sample=grp.trajectory[:, i + 1])[1]
+            assert torch.equal(rescored, log_prob)
+        else:
+            x = x + (float(sig[i + 1]) - float(sig[i])) * v
+            assert grp.log_probs[:, i].isnan().all()                  # the last step is deterministic
+    assert torch.equal(grp.latents, x) and torch.equal(grp.trajectory[:, -1], x)
+    plain = S.sample_groups(f, None, pert, G, num_steps=T, solver="sde", eta=0.7, latent_size=(4, 4),
+                            generator=torch.Generator().manual_seed(4))
+    assert torch.equal(plain.latents, grp.latents) and plain.trajectory is None
+    # Flow-GRPO-Fast: noise only inside the window {2, 3}; before it the trajectory is the ODE's
+    win = S.sample_groups(f, None, pert, G, num_steps=T, solver="sde", eta=0.7, latent_size=(4, 4), record=True,
+                          sde_steps={2, 3}, generator=torch.Generator().manual_seed(4))
+    ode = S.sample_groups(f, None, pert, G, num_steps=T, solver="euler", latent_size=(4, 4), record=True,
+                          generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(win.trajectory[:, :3], ode.trajectory[:, :3], atol=1e-6)
+    assert (win.trajectory[:, 3] - ode.trajectory[:, 3]).abs().mean() > 1e-2
+    finite = ~win.log_probs.isnan()
+    assert finite[:, [2, 3]].all() and not finite[:, [0, 1, 4, 5]].any()
+
+
+def test_sample_entropy_and_merge_plan():
+    a = 0.7
+    sig = S.sigma_schedule(16).double().tolist()
+    # h = d/2·log(2πe·a²·σ/(1 − σ)·Δσ), σ' in the denominator at σ = 1 (sde_step's s_t)
+    for i, l in ((0, 1), (3, 1), (5, 2), (9, 4)):
+        s, s2 = sig[i], sig[i + l]
+        var = a * a * s / (1 - (s2 if s == 1 else s)) * (s - s2)
+        assert math.isclose(S.entropy_power(s, s2, a), 2 * math.pi * math.e * var, rel_tol=1e-12)
+        assert math.isclose(S.step_entropy(s, s2, a, dims=64), 32 * math.log(2 * math.pi * math.e * var), rel_tol=1e-12)
+        # … which is the entropy of sde_step's Gaussian: s_t²·(σ − σ') is its variance per dimension
+        x, v = torch.zeros(1, 16, 2, 2, dtype=torch.float64), torch.zeros(1, 16, 2, 2, dtype=torch.float64)
+        s_t = S.sde_step(x, v, torch.tensor([s]), torch.tensor([s2]), a, noise=x)[3]
+        assert math.isclose(float(s_t) ** 2 * (s - s2), var, rel_tol=1e-9)
+    # τ = 2.2 on SD3's 16-step grid (E-GRPO's T, a, τ, first 8 steps): steps 0-4 alone, then 5+6 and 7+8
+    powers = [S.entropy_power(sig[i], sig[i + 1], a) for i in range(15)]
+    assert all(p >= 2.2 for p in powers[:5]) and all(p < 2.2 for p in powers[5:15])
+    assert S.merge_plan(sig, a, 2.2, 8) == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (7, 2)]
+    # every merge is the smallest l that reaches τ
+    for i, l in S.merge_plan(sig, a, 2.2, 16):
+        assert l == 1 or S.entropy_power(sig[i], sig[i + l - 1], a) < 2.2
+    # τ = 0: every step alone; a huge τ: the longest merges allowed, never into the final step σ_15 → 0
+    assert S.merge_plan(sig, a, 0.0, 8) == [(i, 1) for i in range(8)]
+    assert S.merge_plan(sig, a, 1e9, 8) == [(0, 15)]
+    assert S.merge_plan(S.sigma_schedule(10), a, 2.2, 9) == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (7, 2)]
+    assert S.merge_plan(S.sigma_schedule(1), a, 2.2, 1) == []
+
+
+def test_sample_branches_share_the_prefix_and_the_noise():
+    """E-GRPO rollouts on an analytic flow: each (prompt, step, variant) has one branch point on the Euler prefix,
+    its G branches take one merged sde_step with the step's noise (shared across variants) and finish by Euler."""
+    P, K, G, T = 2, 2, 3, 8
+    plan = [(0, 1), (2, 3)]
+    pert = _perturbed(P, K)
+    f = GaussianFlow(0.5)
+    br = S.sample_branches(f, None, pert, G, plan, num_steps=T, eta=0.7, micro_batch=5, latent_size=(4, 4),
+                           generator=torch.Generator().manual_seed(2))
+    N = P * len(plan) * K * G
+    n = torch.arange(N)
+    assert br.latents.shape == (N, 16, 4, 4) and br.images is None
+    assert torch.equal(br.prompt_idx, n // (len(plan) * K * G)) and torch.equal(br.step_idx, (n // (K * G)) % 2)
+    assert torch.equal(br.variant, (n // G) % K) and torch.equal(br.seed_idx, n % G)
+    gen = torch.Generator().manual_seed(2)
+    noise = torch.randn((P, 16, 4, 4), generator=gen)
+    branch_noise = [torch.randn((P, G, 16, 4, 4), generator=gen) for _ in plan]
+    sig = S.sigma_schedule(T)
+    for p in range(P):
+        for k in range(K):
+            opt = dict(context_opt=pert.context[p, k][None], pooled_opt=pert.pooled[p, k][None]) if k else {}
+            cond = (pert.context[p, 0][None], pert.pooled[p, 0][None])
+            for a, (i, l) in enumerate(plan):
+                rows = slice(((p * 2 + a) * K + k) * G, ((p * 2 + a) * K + k + 1) * G)
+                # the branch point: i Euler steps of this condition from the prompt's noise
+                x_i = noise[p][None]
+                gammas = S._gammas(sig, opt.get("context_opt"), opt.get("pooled_opt"), "noise_aware", 0.4)
+                full = (*cond, opt.get("context_opt"), opt.get("pooled_opt"), None, None)
+                for j in range(i):
+                    x_i = S.euler_step(x_i, S._velocity(f, x_i, sig[j], full, gammas[j], 1.0), sig[j], sig[j + 1])
+                assert torch.allclose(br.x[rows], x_i.expand(G, -1, -1, -1), atol=1e-6)
+                v = S._velocity(f, x_i, sig[i], full, gammas[i], 1.0).expand(G, -1, -1, -1)
+                x_next, log_prob, _, _ = S.sde_step(x_i.expand(G, -1, -1, -1), v, sig[i].expand(G),
+                                                    sig[i + l].expand(G), 0.7, noise=branch_noise[a][p])
+                assert torch.allclose(br.x_next[rows], x_next, atol=1e-6)
+                assert torch.allclose(br.log_prob[rows], log_prob, atol=1e-4)
+                assert torch.equal(br.sigma[rows], sig[i].expand(G))
+                assert torch.equal(br.sigma_next[rows], sig[i + l].expand(G))
+                x0 = x_next
+                for j in range(i + l, T):
+                    x0 = S.euler_step(x0, S._velocity(f, x0, sig[j], full, gammas[j], 1.0), sig[j], sig[j + 1])
+                assert torch.allclose(br.latents[rows], x0, atol=1e-5)
+    # zero perturbations: every variant's branches equal the original's (same prefix noise, same branch noise)
+    same = S.sample_branches(f, None, _perturbed(P, K, zero=True), G, plan, num_steps=T, latent_size=(4, 4),
+                             generator=torch.Generator().manual_seed(2))
+    orig = same.variant == 0
+    assert torch.equal(same.latents[~orig], same.latents[orig])
+    # the forwards: a prefix to the last branch point (i = 2: 3 calls per condition), then the Euler suffixes of both
+    # steps together: from σ_1 the G branches of (0, 1), from σ_5 those of (2, 3) too
+    f.calls.clear()
+    S.sample_branches(f, None, _perturbed(1, 1), G, plan, num_steps=T, latent_size=(4, 4), micro_batch=64)
+    assert [c[3] for c in f.calls] == [1] * 3 + [G] * 4 + [2 * G] * 3
+    with pytest.raises(ValueError, match="plan"):
+        S.sample_branches(f, None, pert, G, [(5, 3)], num_steps=T, latent_size=(4, 4))
+
+
 # ==============================================================================================================
 # reward.py: GenEval scoring, reward models, combination, threads
 # ==============================================================================================================
@@ -2992,6 +3183,363 @@ def test_train_e2e_ddp_inf_on_one_rank_skips_the_step_on_every_rank(tiny_root, t
     assert train.load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))["scaler"]["scale"] == 2.0 ** 15
 
 
+# ---------------------------------------------------------------------------------------- Flow-GRPO and E-GRPO: the objective, advantages, validation, presets, end to end
+def reference_grpo_loss(log_prob, old_log_prob, adv, eps, a_max, mean=None, mean_ref=None, s_t=None, beta=0.0):
+    """Flow-GRPO's loss transition by transition in float64, as the issue writes it (summed; the caller divides)."""
+    total = 0.0
+    for i in range(len(log_prob)):
+        a = min(max(float(adv[i]), -a_max), a_max)
+        ratio = torch.exp(log_prob[i].double() - float(old_log_prob[i]))
+        total = total + torch.maximum(-a * ratio, -a * ratio.clamp(1 - eps, 1 + eps))
+        if mean_ref is not None:
+            total = total + beta * ((mean[i].double() - mean_ref[i].double()) ** 2).mean() / (2 * float(s_t[i]) ** 2)
+    return total
+
+
+@pytest.mark.parametrize("eps,beta", [(1e-4, 0.0), (0.2, 0.04), (0.05, 1.0)])
+def test_train_grpo_loss_matches_transcription_clip_and_kl(eps, beta):
+    g = torch.Generator().manual_seed(0)
+    M_ = 6
+    old = torch.randn(M_, generator=g)
+    log_prob = (old + torch.tensor([0.0, 0.5, -0.5, 1e-5, -0.3, 0.3])).requires_grad_(True)
+    adv = torch.tensor([1.0, 2.0, -1.5, 7.0, 0.5, -9.0])                  # ±5 clipping on the last two
+    mean = torch.randn(M_, 4, 3, 3, generator=g).requires_grad_(True)
+    mean_ref, s_t = mean.detach() + 0.1 * torch.randn(M_, 4, 3, 3, generator=g), torch.rand(M_, generator=g) + 0.5
+    loss, terms = train.grpo_loss(log_prob, old, adv, eps, 5.0, mean, mean_ref, s_t, beta)
+    lp64, mean64 = log_prob.detach().double().requires_grad_(True), mean.detach().double().requires_grad_(True)
+    ref = reference_grpo_loss(lp64, old, adv, eps, 5.0, mean64, mean_ref, s_t, beta)
+    assert loss.shape == (M_,) and torch.allclose(loss.sum().double(), ref, rtol=1e-6, atol=1e-5)
+    loss.sum().backward()
+    ref.backward()
+    torch.testing.assert_close(log_prob.grad.double(), lp64.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(mean.grad.double(), mean64.grad, rtol=1e-5, atol=1e-9)
+    ratio = torch.exp(log_prob.detach() - old)
+    assert torch.equal(terms["clip_frac"], ((ratio - 1).abs() > eps).float())
+    kl = ((mean.detach() - mean_ref) ** 2).mean((1, 2, 3)) / (2 * s_t ** 2)     # ÷ 2 s_t², not 2 s_t²·|dt|
+    torch.testing.assert_close(terms["kl"], kl)
+    # the clip: outside 1 ± ε on the side the advantage pushes towards, the policy term has no gradient
+    pushed_out = ((adv > 0) & (ratio > 1 + eps)) | ((adv < 0) & (ratio < 1 - eps))
+    if beta == 0:
+        assert (log_prob.grad[pushed_out] == 0).all() and (log_prob.grad[~pushed_out] != 0).all()
+    # no reference: no KL term
+    assert torch.equal(train.grpo_loss(log_prob, old, adv, eps, 5.0)[1]["kl"], torch.zeros(M_))
+
+
+def test_train_grpo_ratio_is_one_on_policy():
+    """The first update's old log-prob is the policy's own, detached: ratio exactly 1, no clipping at any ε, and the
+    gradient is −A·∇log p (REINFORCE with the group baseline)."""
+    lp = (torch.randn(5, generator=torch.Generator().manual_seed(1)) * 30).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.25, 3.0])
+    loss, terms = train.grpo_loss(lp, lp.detach(), adv, 1e-12, 5.0)
+    assert torch.equal(terms["ratio"], torch.ones(5)) and terms["clip_frac"].sum() == 0
+    assert torch.equal(terms["approx_kl"], torch.zeros(5))
+    loss.sum().backward()
+    assert torch.equal(lp.grad, -adv)
+
+
+def test_train_grpo_groups_advantages_and_update_slices():
+    """E-GRPO's sample order makes (prompt, step) groups contiguous: the group mean is per (prompt, step) and a group
+    of equal rewards gets zero advantage (then its samples are dropped); grpo_chunks splits every group evenly, by a
+    keyed permutation."""
+    cfg = SimpleNamespace(**{**train.config_defaults(), "method": "e_grpo", "num_variants": 1, "num_seeds": 4,
+                             "global_std": False, "prompts_per_step": 2, "egrpo_branch_steps": 2})
+    assert train.group_size(cfg) == 4 and train.samples_per_prompt(cfg) == 8
+    # 2 prompts × 2 steps × 4 branches; prompt 0 step 1 all equal
+    rewards = torch.tensor([0.1, 0.4, 0.2, 0.3, 0.7, 0.7, 0.7, 0.7, 0.0, 1.0, 0.0, 1.0, 0.5, 0.6, 0.5, 0.6])
+    run = SimpleNamespace(cfg=cfg, world=SimpleNamespace(ddp=False, rank=0, world_size=1, device=torch.device("cpu")))
+    ga = train.group_advantages(run, {"avg": rewards})
+    for grp in range(4):
+        r = rewards[grp * 4:(grp + 1) * 4].double()
+        expect = (r - r.mean()) / (r.std(unbiased=False) + 1e-4)
+        torch.testing.assert_close(ga.adv[grp * 4:(grp + 1) * 4], expect.clamp(-5, 5))
+    keep = ga.adv.abs() > train.ZERO_ADV
+    assert keep.tolist() == [True] * 4 + [False] * 4 + [True] * 8
+    assert ga.stats["zero_std_ratio"] == 0.25 and ga.n_local == 16
+    # the slices: grpo_updates = 2 puts two members of every group in each, the same on every call
+    cfg.grpo_updates = 2
+    chunk = train.grpo_chunks(cfg, 3, 16, 4)
+    assert all(sorted(chunk[g * 4:(g + 1) * 4].tolist()) == [0, 0, 1, 1] for g in range(4))
+    assert torch.equal(chunk, train.grpo_chunks(cfg, 3, 16, 4))
+    assert not torch.equal(chunk, train.grpo_chunks(cfg, 4, 16, 4))
+    cfg.grpo_updates = 1
+    assert torch.equal(train.grpo_chunks(cfg, 3, 16, 4), torch.zeros(16, dtype=torch.long))
+
+
+GRPO = dict(method="flow_grpo", num_variants=1, num_seeds=4)
+
+
+GRPO_BAD_SETTINGS = [
+    ({"method": "ppo"}, "method must be one of"),
+    ({**GRPO, "sde_eta": 0.0}, "sde_eta must be > 0"),
+    ({**GRPO, "grpo_clip_range": 0.0}, "grpo_clip_range must be > 0"),
+    ({**GRPO, "grpo_kl_beta": -0.1}, "grpo_kl_beta must be >= 0"),
+    ({**GRPO, "grpo_updates": 0}, "grpo_updates=0 must be in"),
+    ({**GRPO, "grpo_updates": 5}, "grpo_updates=5 must be in"),
+    ({**GRPO, "num_variants": 2, "num_seeds": 2, "grpo_variants": True, "grpo_updates": 2}, "needs grpo_updates=1"),
+    ({**GRPO, "sde_window": 3, "sde_window_range": (0, 2)}, "sde_window=3 in sde_window_range"),
+    ({**GRPO, "sde_window": 2, "sde_window_range": (0, 10)}, "hi <= train_sample_steps − 1 = 9"),
+    ({**GRPO, "sde_window": 2, "sde_window_range": (0, 4.0)}, "two ints"),
+    ({**GRPO, "sde_window": -1}, "sde_window must be >= 0"),
+    ({**GRPO, "egrpo_branch_steps": 1}, "E-GRPO's"),
+    ({**GRPO, "train_sample_steps": 1, "timestep_fraction": 1.0}, "needs >= 2"),
+    ({"sde_window": 2}, "belongs to a GRPO method"),
+    ({**GRPO, "method": "e_grpo", "sde_window": 2}, "Flow-GRPO-Fast"),
+    ({**GRPO, "method": "e_grpo", "egrpo_tau": 0.0}, "egrpo_tau must be > 0"),
+    ({**GRPO, "method": "e_grpo", "egrpo_tau": float("nan")}, "egrpo_tau=nan is not a finite number"),
+    ({**GRPO, "method": "e_grpo", "egrpo_branch_steps": 8}, r"egrpo_branch_steps=8 must be in \[0, 7\]"),
+]
+
+
+@pytest.mark.parametrize("over,match", GRPO_BAD_SETTINGS, ids=[f"bad{i}" for i in range(len(GRPO_BAD_SETTINGS))])
+def test_train_grpo_validation_rejects_bad_settings(tmp_path, tiny_root, over, match):
+    with pytest.raises(ValueError, match=match):
+        train.validate_config(cfg_for(tmp_path, tiny_root, **over), 1)
+
+
+def test_train_grpo_validation_accepts_the_methods_micro_batches_and_combinations(tmp_path, tiny_root, capsys):
+    # E²PO's variants are off for a GRPO method unless grpo_variants=True: the world's K = 4 becomes 1 (and says so)
+    cfg = train.validate_config(cfg_for(tmp_path, tiny_root, method="flow_grpo", num_seeds=2), 1)
+    assert cfg.num_variants == 1 and train.config_to_json(cfg)["num_variants"] == 1
+    assert "num_variants=4 → 1" in capsys.readouterr().out
+    cfg = train.validate_config(cfg_for(tmp_path, tiny_root, method="e_grpo", num_seeds=2, grpo_variants=True), 1)
+    assert cfg.num_variants == 4
+    # GRPO micro-batches its kept transitions: no divisibility asked of train_micro_batch
+    train.validate_config(cfg_for(tmp_path, tiny_root, **GRPO, train_micro_batch=3), 1)
+    train.validate_config(cfg_for(tmp_path, tiny_root, **GRPO, sde_window=3, sde_window_range=(0, 5)), 1)
+    train.validate_config(cfg_for(tmp_path, tiny_root, **{**GRPO, "method": "e_grpo"}, egrpo_branch_steps=7), 1)
+    train.validate_config(cfg_for(tmp_path, tiny_root, **{**GRPO, "num_variants": 2, "num_seeds": 2},
+                                  grpo_variants=True), 1)
+
+
+def test_train_grpo_presets():
+    defaults = train.config_defaults()
+    expect = {"flow_grpo_geneval": ("flow_grpo", 24, 24, 0.04), "flow_grpo_pickscore": ("flow_grpo", 24, 24, 0.01),
+              "e_grpo_geneval": ("e_grpo", 8, 56, 0.04), "e_grpo_pickscore": ("e_grpo", 8, 56, 0.01)}
+    for name, (method, G, per_prompt, beta) in expect.items():
+        cfg = configurator.configure(defaults, [os.path.join(REPO, "config", name + ".py")])
+        ns = train.SimpleNamespace(**cfg)
+        assert (cfg["method"], cfg["num_seeds"], train.samples_per_prompt(ns), cfg["grpo_kl_beta"]) == \
+            (method, G, per_prompt, beta), name
+        assert cfg["num_variants"] == 1 and not cfg["grpo_variants"]
+        for world in (1, 2, 4, 8):
+            assert cfg["prompts_per_step"] % world == 0
+        assert train.group_size(ns) % cfg["rollout_micro_batch"] == 0
+        if method == "flow_grpo":     # Flow-GRPO's geneval_sd3 / pickscore_sd3
+            assert (cfg["train_sample_steps"], cfg["sde_eta"], cfg["grpo_clip_range"], cfg["grpo_updates"],
+                    cfg["learning_rate"], cfg["global_std"]) == (10, 0.7, 1e-4, 2, 3e-4, True)
+        else:                         # the E-GRPO paper's T, a, τ, first 8 steps, lr, iterations
+            assert (cfg["train_sample_steps"], cfg["sde_eta"], cfg["egrpo_tau"], train.num_train_timesteps(ns),
+                    cfg["learning_rate"], cfg["max_steps"], cfg["global_std"]) == (16, 0.7, 2.2, 8, 2e-6, 300, False)
+            assert train.egrpo_plan(ns) == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (7, 2)]
+
+
+def grpo_config(root, out_dir, method="flow_grpo", **over):
+    """tiny_config for the GRPO methods: K = 1; Flow-GRPO G = 4 (trains steps 0, 1 of 3), E-GRPO G = 2 at each of the
+    plan's 2 active steps [(0, 1), (1, 1)] (4 images per prompt)."""
+    return tiny_config(root, out_dir, **{"method": method, "num_variants": 1,
+                                         "num_seeds": 4 if method == "flow_grpo" else 2, **over})
+
+
+@pytest.mark.parametrize("method,over", [
+    ("flow_grpo", {}),
+    ("flow_grpo", {"sde_window": 1, "sde_window_range": (0, 2)}),                     # Flow-GRPO-Fast
+    ("e_grpo", {}),
+    ("flow_grpo", {"num_variants": 2, "num_seeds": 2, "grpo_variants": True}),        # E²PO's variants + GRPO
+    ("e_grpo", {"num_variants": 2, "num_seeds": 2, "grpo_variants": True, "egrpo_branch_steps": 1}),
+])
+def test_train_grpo_two_iterations(tiny_root, tmp_path, method, over):
+    train.train(grpo_config(tiny_root, tmp_path, method, grpo_kl_beta=0.1, **over))
+    rows = train.read_log(str(tmp_path / "log.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for key in ("reward_mean", "reward_std", "zero_std_ratio", "loss", "policy_loss", "kl", "ratio", "clip_frac",
+                "approx_kl", "logprob_gap", "grad_norm", "kept_fraction", "lr", "time_rollout", "time_update"):
+        assert key in rows[1] and math.isfinite(rows[1][key]), key
+    for r in rows[1:]:
+        assert r["ratio"] == 1.0 and r["clip_frac"] == 0.0 and r["approx_kl"] == 0.0    # one update: on-policy
+        assert r["logprob_gap"] < 1e-5            # the training forward recomputes the rollout's transition
+        assert r["updates"] == 1 and r["grad_norm"] > 0 and r["kept_fraction"] == 1.0 and "old_decay" not in r
+    assert rows[2]["kl"] > 0 and rows[2]["reward_std"] > 0 and "eval_reward" in rows[2]
+    if method == "e_grpo":
+        active = over.get("egrpo_branch_steps") or 2
+        assert rows[1]["egrpo_active_steps"] == active and rows[1]["egrpo_merged_steps"] == 0
+    if over.get("grpo_variants"):
+        assert "mean_pairwise_cos" in rows[1] and "variant_spread" in rows[1]
+    ad = adapters_of(tmp_path)
+    assert set(ad) == {"policy", "ema"}                                       # no old adapter: on-policy
+    assert any(v.abs().sum() > 0 for k, v in ad["policy"].items() if k.endswith("lora_B"))
+    for f in ("ckpt.pt", "lora_policy.safetensors", "curves.png", "samples/after.png", "groups/step_000001.png"):
+        assert (tmp_path / f).is_file(), f
+
+
+def test_train_grpo_first_update_is_on_policy_the_second_is_not(tiny_root, tmp_path, monkeypatch):
+    """grpo_updates = 2 (Flow-GRPO's presets): every ratio before the first optimizer step is exactly 1; after it, the
+    rollout's log-probs are θ_old's and the ratios move (and clip at a small ε)."""
+    events, real_loss, real_step = [], train.grpo_loss, torch.optim.AdamW.step
+
+    def loss(*a, **k):
+        out = real_loss(*a, **k)
+        events.append(out[1]["ratio"].clone())
+        return out
+
+    def step(self, *a, **k):
+        events.append("step")
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(train, "grpo_loss", loss)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train.train(grpo_config(tiny_root, tmp_path, grpo_updates=2, max_steps=1, eval_every=0, log_images_every=0,
+                            grpo_clip_range=1e-6))
+    first = events.index("step")
+    assert first > 0 and events.count("step") == 2
+    assert all(torch.equal(r, torch.ones_like(r)) for r in events[:first])
+    later = torch.cat([r for r in events[first + 1:] if not isinstance(r, str)])
+    assert (later != 1).any() and ((later - 1).abs() > 1e-6).any()
+    row = train.read_log(str(tmp_path / "log.jsonl"))[-1]
+    assert row["updates"] == 2 and 0 < row["clip_frac"] <= 0.5
+
+
+@pytest.mark.parametrize("method", ["flow_grpo", "e_grpo"])
+def test_train_grpo_resume_2_plus_2_equals_4(tiny_root, tmp_path, method):
+    over = dict(eval_every=0, log_images_every=0, grpo_updates=2, egrpo_branch_steps=1 if method == "e_grpo" else 0)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.train(grpo_config(tiny_root, straight, method, max_steps=4, **over))
+    train.train(grpo_config(tiny_root, split, method, max_steps=2, **over))
+    train.train(grpo_config(tiny_root, split, method, max_steps=4, resume=True, **over))
+    a, b = adapters_of(straight), adapters_of(split)
+    for name in ("policy", "ema"):
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), (name, k)
+    la, lb = train.read_log(str(straight / "log.jsonl")), train.read_log(str(split / "log.jsonl"))
+    assert [r["step"] for r in lb] == [1, 2, 3, 4]
+    assert [(r["loss"], r["ratio"]) for r in la] == [(r["loss"], r["ratio"]) for r in lb]
+
+
+@pytest.mark.parametrize("method", ["flow_grpo", "e_grpo"])
+def test_train_grpo_ddp_two_processes_equal_one(tiny_root, tmp_path, method):
+    wrapper = tmp_path / "run_train.py"
+    wrapper.write_text(WRAPPER.format(repo=REPO))
+    over = dict(grpo_updates=2) if method == "flow_grpo" else dict(egrpo_branch_steps=1)
+    cfg = grpo_config(tiny_root, "x", method, eval_every=2, eval_num_prompts=3, log_images_every=0, max_steps=2,
+                      adam_eps=1.0, learning_rate=1.0, grpo_kl_beta=0.1, **over)
+    keys = ("weights", "resolution", "prompts_per_step", "num_variants", "num_seeds", "emb_steps", "train_sample_steps",
+            "rollout_micro_batch", "train_micro_batch", "lora_rank", "lora_alpha", "learning_rate", "max_steps",
+            "device", "eval_every", "eval_sample_steps", "eval_num_prompts", "log_images_every", "adam_eps",
+            "timestep_fraction", "method", "grpo_kl_beta", *over)
+    args = [f"--{k}={cfg[k]}" for k in keys]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(wrapper), *args, f"--out_dir={tmp_path / 'one'}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+                          str(wrapper), *args, f"--out_dir={tmp_path / 'two'}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    w1 = torch.load(tmp_path / "one" / "rank0_policy.pt", weights_only=True)
+    r0 = torch.load(tmp_path / "two" / "rank0_policy.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "two" / "rank1_policy.pt", weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(r0, r1))                       # ranks agree exactly
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(w1, r0))   # = the 1-process run
+    assert sum(a.abs().sum() for a in w1[1::2]) > 0                                  # lora_B moved
+    la = train.read_log(str(tmp_path / "one" / "log.jsonl"))
+    lb = train.read_log(str(tmp_path / "two" / "log.jsonl"))
+    for x, y in zip(la, lb):
+        for k in ("reward_mean", "reward_std", "loss", "kl", "ratio", "kept_fraction", "eval_reward",
+                  "egrpo_active_steps", "egrpo_step_entropy"):
+            if k in x:
+                assert math.isclose(x[k], y[k], rel_tol=1e-4, abs_tol=1e-7), (k, x[k], y[k])
+
+
+@pytest.mark.parametrize("method,over", [("flow_grpo", {"num_seeds": 8}),
+                                         ("e_grpo", {"num_seeds": 4, "egrpo_branch_steps": 2, "global_std": False})])
+def test_train_grpo_on_the_shipped_pipeline(tmp_path, method, over):
+    """Two iterations of each method on the world as shipped (its pretrained model, the real shapes reward)."""
+    train.train(dict(out_dir=str(tmp_path), method=method, num_variants=1, max_steps=2, prompts_per_step=2,
+                     eval_every=2, eval_num_prompts=4, eval_num_images=1, eval_sample_steps=4, log_images_every=1,
+                     save_every=0, **over))
+    rows = train.read_log(str(tmp_path / "log.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert 0 <= r["reward_mean"] <= 1 and 0 <= r["zero_std_ratio"] <= 1 and 0 <= r["kept_fraction"] <= 1
+        for key in ("reward_std", "grad_norm", "kept_fraction"):
+            assert math.isfinite(r[key]), key
+        if r["updates"]:     # a step whose groups all scored equal trains nothing (and logs no loss)
+            assert all(math.isfinite(r[k]) for k in ("loss", "kl", "ratio", "logprob_gap"))
+    assert 0 <= rows[2]["eval_reward"] <= 1
+
+
+def test_train_flow_grpo_step_written_out(tiny_root, tmp_path):
+    """Two Flow-GRPO iterations equal the method written out here from the primitives and the float64 formulas:
+    encode → SDE rollout with the policy (sde_step_float64, the keyed noise) → reward → advantages (group mean,
+    global std, ±5) → for every sample and trained step: the policy's and the reference's (LoRA off) step means, the
+    clipped ratio to the rollout's log-prob, the KL ÷ 2 s_t² → mean over samples × steps → clip → AdamW. (Two, so
+    that the second has a policy away from the reference: the KL's gradient is zero at the zero-initialised LoRA.)"""
+    from model import load_text_encoders
+    G, T, eta, beta = 4, 3, 0.7, 0.5
+    run = train.train(grpo_config(tiny_root, tmp_path, max_steps=2, eval_every=0, log_images_every=0, grpo_kl_beta=beta,
+                                  train_micro_batch=3, adam_eps=1.0, learning_rate=1.0))
+    cfg = run.cfg
+    dit, vae = model.load_mmdit(tiny_root), model.load_vae(tiny_root)
+    text = load_text_encoders(tiny_root, t5=False, max_sequence_length=cfg.max_sequence_length)
+    model.add_lora(dit, rank=cfg.lora_rank, alpha=cfg.lora_alpha, adapter="policy", seed=cfg.seed)
+    params = model.lora_parameters(dit, "policy")
+    p0 = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                            weight_decay=cfg.weight_decay)
+    fn, sig = reward.build("redness"), S.sigma_schedule(T)
+    kls = []
+    for step in range(2):
+        trajs, lps, rs, conds = [], [], [], []
+        for slot, idx in enumerate(train.prompts_for_step(cfg, step)):
+            context, pooled = text.encode([cfg.train_items[idx]["prompt"]])
+            cond = (context.expand(G, -1, -1), pooled.expand(G, -1))
+            gen = train.keyed_generator(cfg.seed, step, "rollout", slot)
+            x = torch.randn((1, G, 16, 8, 8), generator=gen)[0]
+            noises = [torch.randn((1, G, 16, 8, 8), generator=gen)[0] for _ in range(T - 1)]
+            traj, lp = [x], []
+            with model.use_adapter(dit, "policy"), torch.no_grad():
+                for i in range(T):
+                    v = dit(x, sig[i].expand(G), *cond)
+                    if i < T - 1:
+                        x, log_prob, _, _ = sde_step_float64(x, v, sig[i].expand(G), sig[i + 1].expand(G), eta,
+                                                             noise=noises[i])
+                        x = x.float()
+                        lp.append(log_prob)
+                    else:                                              # the last step: deterministic
+                        x = x + (sig[i + 1] - sig[i]) * v
+                    traj.append(x)
+            trajs.append(traj), lps.append(lp), conds.append(cond)
+            rs.append(fn(vae.decode(x).float(), None)["avg"])
+        rew = torch.cat(rs).double()
+        adv = torch.cat([(g - g.mean()) / (rew.std(unbiased=False) + 1e-4) for g in rew.split(G)])
+        assert (adv.abs() > 1e-8).all() and adv.std() > 0             # nothing dropped here
+        n_terms = len(adv) * 2                                         # 2 trained steps (0, 1) of 3 per sample
+        kl = 0.0
+        for p in range(2):
+            for t in range(2):
+                args = (sig[t].expand(G), sig[t + 1].expand(G), eta)
+                with model.use_adapter(dit, "policy"):
+                    v = dit(trajs[p][t], sig[t].expand(G), *conds[p])
+                with model.use_adapter(dit, None), torch.no_grad():
+                    v_ref = dit(trajs[p][t], sig[t].expand(G), *conds[p])
+                _, log_prob, mean, s_t = sde_step_float64(trajs[p][t], v, *args, prev_sample=trajs[p][t + 1])
+                mean_ref = sde_step_float64(trajs[p][t], v_ref, *args, prev_sample=trajs[p][t + 1])[2]
+                loss = reference_grpo_loss(log_prob, lps[p][t], adv[p * G:(p + 1) * G], cfg.grpo_clip_range,
+                                           cfg.adv_clip_max, mean, mean_ref, s_t, beta)
+                (loss / n_terms).backward()
+                kl += reference_grpo_loss(log_prob.detach(), log_prob.detach(), 0 * adv, 1, 5, mean.detach(), mean_ref,
+                                          s_t, 1.0).item() / n_terms
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        kls.append(kl)
+    rows = train.read_log(str(tmp_path / "log.jsonl"))
+    assert kls[0] < 1e-12 < kls[1] and math.isclose(rows[-1]["kl"], kls[1], rel_tol=1e-3)
+    moved = 0
+    for a, b, c in zip(model.lora_parameters(run.model, "policy"), params, p0):
+        assert torch.allclose(a.detach(), b.detach(), atol=1e-5, rtol=1e-4)
+        moved += (b.detach() - c).abs().sum().item()
+    assert moved > 0
+
+
 # ==============================================================================================================
 # evaluate.py: diversity metrics (PVS, SDI, CLIP), the run, and its agreement with train.py's evaluations
 # ==============================================================================================================
@@ -3162,6 +3710,18 @@ def test_bench_default_rows_agree_with_reference(tmp_path):
     assert "- command: `python" in text and "- machine:" in text
 
 
+def test_bench_grpo_row_times_flow_grpo_against_the_nft_step(tmp_path):
+    out = tmp_path / "bench.md"
+    assert bench.main(["--rows", "grpo", "--repeats", "1", "--batch", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "failed" not in text, text
+    rows = [l for l in text.splitlines() if l.startswith("| Flow-GRPO step")]
+    assert len(rows) == 2 and "no CFG" in rows[0] and "with CFG 4.5" in rows[1]
+    for line in rows:
+        ours, nft, ratio = (float(c) for c in line.split("|")[2:5])
+        assert ours > 0 and nft > 0 and ratio > 0, line
+
+
 # ==============================================================================================================
 # data/shapes/compare.py: equal budgets, the seed statistics of its table
 # ==============================================================================================================
@@ -3192,563 +3752,3 @@ def test_compare_gives_every_method_the_same_budget_and_reports_seed_statistics(
     assert "before training (base model, every method and seed): 0.100 ± 0.000" in text
     compare.plot({"e2po": runs}, tmp_path / "c.png")
     assert Image.open(tmp_path / "c.png").size[0] == 3 * 420
-
-
-# ==== issue 18: Flow-GRPO and E-GRPO ====
-# sample.py: sde_step and its log-prob, recorded SDE rollouts (Flow-GRPO, -Fast), E-GRPO's entropy, merge plan and
-# branches; train.py: grpo_loss, group advantages and the update's slices, validation, presets, both methods end to
-# end (the shipped world, resume, DDP, a Flow-GRPO step written out); bench.py: the Flow-GRPO vs NFT step row.
-
-def sde_step_float64(x, v, sigma, sigma_next, eta, prev_sample=None, noise=None):
-    """The issue's formulas, in float64: dt = σ' − σ; s_t = η·√(σ/(1 − σ)) with σ' in the denominator where σ = 1;
-    mean = x·(1 + s_t²·dt/(2σ)) + v·(1 + s_t²(1 − σ)/(2σ))·dt; std = s_t·√(−dt); the Gaussian log-density of
-    prev_sample averaged over C, H, W. Returns (prev_sample, log_prob, mean, s_t)."""
-    x, v = x.double(), v.double()
-    s = torch.as_tensor(sigma).double().reshape(-1, 1, 1, 1)
-    s_next = torch.as_tensor(sigma_next).double().reshape(-1, 1, 1, 1)
-    dt = s_next - s
-    s_t = eta * torch.sqrt(s / (1 - torch.where(s == 1, s_next, s)))
-    mean = x * (1 + s_t ** 2 * dt / (2 * s)) + v * (1 + s_t ** 2 * (1 - s) / (2 * s)) * dt
-    std = s_t * torch.sqrt(-dt)
-    if prev_sample is None:
-        prev_sample = mean + std * noise.double()
-    density = -((prev_sample.double() - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return prev_sample, density.mean((1, 2, 3)), mean, s_t.flatten()
-
-
-def _sde_inputs(seed=0, B=4):
-    g = torch.Generator().manual_seed(seed)
-    sig = S.sigma_schedule(10)
-    sigma, sigma_next = sig[[0, 3, 7, 9]][:B], sig[[1, 4, 8, 10]][:B]     # σ = 1, two inner steps, the last (σ' = 0)
-    x, v, noise = (torch.randn(B, 16, 4, 4, generator=g) for _ in range(3))
-    return x, v, sigma, sigma_next, noise
-
-
-def test_sample_sde_step_matches_float64_transcription():
-    x, v, sigma, sigma_next, noise = _sde_inputs()
-    ref = sde_step_float64(x, v, sigma, sigma_next, 0.7, noise=noise)
-    ours64 = S.sde_step(x.double(), v.double(), sigma.double(), sigma_next.double(), 0.7, noise=noise.double())
-    for a, b in zip(ours64, ref):
-        assert a.dtype == torch.float64
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    ours32 = S.sde_step(x, v, sigma, sigma_next, 0.7, noise=noise)
-    for a, b in zip(ours32, ref):
-        assert a.dtype == torch.float32
-        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
-    # σ = 1 takes σ' in the denominator (the reference's sigmas[1]): s_t = η·√(1/(1 − σ_1))
-    assert math.isclose(ours64[3][0].item(), 0.7 * math.sqrt(1 / (1 - float(sigma_next[0]))), rel_tol=1e-12)
-    # the log-prob is torch.distributions.Normal's, averaged (not summed) over C, H, W
-    std = ours64[3].view(-1, 1, 1, 1) * torch.sqrt(sigma.double() - sigma_next.double()).view(-1, 1, 1, 1)
-    normal = torch.distributions.Normal(ours64[2], std).log_prob(ours64[0]).mean((1, 2, 3))
-    torch.testing.assert_close(ours64[1], normal, rtol=1e-12, atol=1e-12)
-
-
-def test_sample_sde_step_scores_a_given_sample_and_rejects_bad_input():
-    x, v, sigma, sigma_next, noise = _sde_inputs(1)
-    prev = torch.randn_like(x)
-    v = v.clone().requires_grad_(True)
-    out, log_prob, mean, _ = S.sde_step(x, v, sigma, sigma_next, 0.7, prev_sample=prev, noise=noise)
-    assert out is prev                                                # returned unchanged; the noise is not used
-    torch.testing.assert_close(log_prob.double(), sde_step_float64(x, v.detach(), sigma, sigma_next, 0.7, prev)[1],
-                               rtol=1e-5, atol=1e-5)
-    log_prob.sum().backward()                                         # the gradient reaches v through the mean
-    assert v.grad is not None and v.grad.abs().sum() > 0
-    # a drawn sample has the highest density at its mean, and a larger η spreads it (lower density at the mean)
-    at_mean = S.sde_step(x, v.detach(), sigma, sigma_next, 0.7, prev_sample=mean.detach())[1]
-    assert (at_mean > log_prob.detach()).all()
-    assert (S.sde_step(x, v.detach(), sigma, sigma_next, 1.4, prev_sample=mean.detach())[1] < at_mean).all()
-    for kwargs, match in ((dict(eta=0.0, noise=noise), "eta must be > 0"), (dict(eta=0.7), "needs noise"),
-                          (dict(eta=0.7, noise=noise, sigma_next=sigma), "sigma > sigma_next")):
-        args = {"sigma_next": sigma_next, **kwargs}
-        with pytest.raises(ValueError, match=match):
-            S.sde_step(x, v.detach(), sigma, **args)
-
-
-def test_sample_sde_solver_is_sde_step_and_records_its_trajectory():
-    """sample(solver="sde") is the loop of sde_step (Euler on the last step); sample_groups(record=True) keeps every x
-    and log-prob, and the stored log-prob is the one sde_step gives the stored next x; a window (sde_steps) leaves
-    the other steps Euler."""
-    P, G, T = 1, 3, 6
-    pert = _perturbed(P, 1)
-    f = GaussianFlow(0.6)
-    grp = S.sample_groups(f, None, pert, G, num_steps=T, solver="sde", eta=0.7, latent_size=(4, 4), record=True,
-                          generator=torch.Generator().manual_seed(4))
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn((P, G, 16, 4, 4), generator=gen)[0]
-    noises = [torch.randn((P, G, 16, 4, 4), generator=gen)[0] for _ in range(T - 1)]
-    sig = S.sigma_schedule(T)
-    ctx, pol = pert.context[0, 0].expand(G, -1, -1), pert.pooled[0, 0].expand(G, -1)
-    assert grp.trajectory.shape == (G, T + 1, 16, 4, 4) and grp.log_probs.shape == (G, T)
-    for i in range(T):
-        assert torch.equal(grp.trajectory[:, i], x)
-        v = f(x, sig[i].expand(G), ctx, pol)
-        if i < T - 1:
-            x, log_prob, _, _ = S.sde_step(x, v, sig[i].expand(G), sig[i + 1].expand(G), 0.7, noise=noises[i])
-            assert torch.equal(grp.log_probs[:, i], log_prob)
-            rescored = S.sde_step(grp.trajectory[:, i], v, sig[i].expand(G), sig[i + 1].expand(G), 0.7,
-                                  prev_sample=grp.trajectory[:, i + 1])[1]
-            assert torch.equal(rescored, log_prob)
-        else:
-            x = x + (float(sig[i + 1]) - float(sig[i])) * v
-            assert grp.log_probs[:, i].isnan().all()                  # the last step is deterministic
-    assert torch.equal(grp.latents, x) and torch.equal(grp.trajectory[:, -1], x)
-    plain = S.sample_groups(f, None, pert, G, num_steps=T, solver="sde", eta=0.7, latent_size=(4, 4),
-                            generator=torch.Generator().manual_seed(4))
-    assert torch.equal(plain.latents, grp.latents) and plain.trajectory is None
-    # Flow-GRPO-Fast: noise only inside the window {2, 3}; before it the trajectory is the ODE's
-    win = S.sample_groups(f, None, pert, G, num_steps=T, solver="sde", eta=0.7, latent_size=(4, 4), record=True,
-                          sde_steps={2, 3}, generator=torch.Generator().manual_seed(4))
-    ode = S.sample_groups(f, None, pert, G, num_steps=T, solver="euler", latent_size=(4, 4), record=True,
-                          generator=torch.Generator().manual_seed(4))
-    assert torch.allclose(win.trajectory[:, :3], ode.trajectory[:, :3], atol=1e-6)
-    assert (win.trajectory[:, 3] - ode.trajectory[:, 3]).abs().mean() > 1e-2
-    finite = ~win.log_probs.isnan()
-    assert finite[:, [2, 3]].all() and not finite[:, [0, 1, 4, 5]].any()
-
-
-def test_sample_entropy_and_merge_plan():
-    a = 0.7
-    sig = S.sigma_schedule(16).double().tolist()
-    # h = d/2·log(2πe·a²·σ/(1 − σ)·Δσ), σ' in the denominator at σ = 1 (sde_step's s_t)
-    for i, l in ((0, 1), (3, 1), (5, 2), (9, 4)):
-        s, s2 = sig[i], sig[i + l]
-        var = a * a * s / (1 - (s2 if s == 1 else s)) * (s - s2)
-        assert math.isclose(S.entropy_power(s, s2, a), 2 * math.pi * math.e * var, rel_tol=1e-12)
-        assert math.isclose(S.step_entropy(s, s2, a, dims=64), 32 * math.log(2 * math.pi * math.e * var), rel_tol=1e-12)
-        # … which is the entropy of sde_step's Gaussian: s_t²·(σ − σ') is its variance per dimension
-        x, v = torch.zeros(1, 16, 2, 2, dtype=torch.float64), torch.zeros(1, 16, 2, 2, dtype=torch.float64)
-        s_t = S.sde_step(x, v, torch.tensor([s]), torch.tensor([s2]), a, noise=x)[3]
-        assert math.isclose(float(s_t) ** 2 * (s - s2), var, rel_tol=1e-9)
-    # τ = 2.2 on SD3's 16-step grid (E-GRPO's T, a, τ, first 8 steps): steps 0-4 alone, then 5+6 and 7+8
-    powers = [S.entropy_power(sig[i], sig[i + 1], a) for i in range(15)]
-    assert all(p >= 2.2 for p in powers[:5]) and all(p < 2.2 for p in powers[5:15])
-    assert S.merge_plan(sig, a, 2.2, 8) == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (7, 2)]
-    # every merge is the smallest l that reaches τ
-    for i, l in S.merge_plan(sig, a, 2.2, 16):
-        assert l == 1 or S.entropy_power(sig[i], sig[i + l - 1], a) < 2.2
-    # τ = 0: every step alone; a huge τ: the longest merges allowed, never into the final step σ_15 → 0
-    assert S.merge_plan(sig, a, 0.0, 8) == [(i, 1) for i in range(8)]
-    assert S.merge_plan(sig, a, 1e9, 8) == [(0, 15)]
-    assert S.merge_plan(S.sigma_schedule(10), a, 2.2, 9) == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (7, 2)]
-    assert S.merge_plan(S.sigma_schedule(1), a, 2.2, 1) == []
-
-
-def test_sample_branches_share_the_prefix_and_the_noise():
-    """E-GRPO rollouts on an analytic flow: each (prompt, step, variant) has one branch point on the Euler prefix,
-    its G branches take one merged sde_step with the step's noise (shared across variants) and finish by Euler."""
-    P, K, G, T = 2, 2, 3, 8
-    plan = [(0, 1), (2, 3)]
-    pert = _perturbed(P, K)
-    f = GaussianFlow(0.5)
-    br = S.sample_branches(f, None, pert, G, plan, num_steps=T, eta=0.7, micro_batch=5, latent_size=(4, 4),
-                           generator=torch.Generator().manual_seed(2))
-    N = P * len(plan) * K * G
-    n = torch.arange(N)
-    assert br.latents.shape == (N, 16, 4, 4) and br.images is None
-    assert torch.equal(br.prompt_idx, n // (len(plan) * K * G)) and torch.equal(br.step_idx, (n // (K * G)) % 2)
-    assert torch.equal(br.variant, (n // G) % K) and torch.equal(br.seed_idx, n % G)
-    gen = torch.Generator().manual_seed(2)
-    noise = torch.randn((P, 16, 4, 4), generator=gen)
-    branch_noise = [torch.randn((P, G, 16, 4, 4), generator=gen) for _ in plan]
-    sig = S.sigma_schedule(T)
-    for p in range(P):
-        for k in range(K):
-            opt = dict(context_opt=pert.context[p, k][None], pooled_opt=pert.pooled[p, k][None]) if k else {}
-            cond = (pert.context[p, 0][None], pert.pooled[p, 0][None])
-            for a, (i, l) in enumerate(plan):
-                rows = slice(((p * 2 + a) * K + k) * G, ((p * 2 + a) * K + k + 1) * G)
-                # the branch point: i Euler steps of this condition from the prompt's noise
-                x_i = noise[p][None]
-                gammas = S._gammas(sig, opt.get("context_opt"), opt.get("pooled_opt"), "noise_aware", 0.4)
-                full = (*cond, opt.get("context_opt"), opt.get("pooled_opt"), None, None)
-                for j in range(i):
-                    x_i = S.euler_step(x_i, S._velocity(f, x_i, sig[j], full, gammas[j], 1.0), sig[j], sig[j + 1])
-                assert torch.allclose(br.x[rows], x_i.expand(G, -1, -1, -1), atol=1e-6)
-                v = S._velocity(f, x_i, sig[i], full, gammas[i], 1.0).expand(G, -1, -1, -1)
-                x_next, log_prob, _, _ = S.sde_step(x_i.expand(G, -1, -1, -1), v, sig[i].expand(G),
-                                                    sig[i + l].expand(G), 0.7, noise=branch_noise[a][p])
-                assert torch.allclose(br.x_next[rows], x_next, atol=1e-6)
-                assert torch.allclose(br.log_prob[rows], log_prob, atol=1e-4)
-                assert torch.equal(br.sigma[rows], sig[i].expand(G))
-                assert torch.equal(br.sigma_next[rows], sig[i + l].expand(G))
-                x0 = x_next
-                for j in range(i + l, T):
-                    x0 = S.euler_step(x0, S._velocity(f, x0, sig[j], full, gammas[j], 1.0), sig[j], sig[j + 1])
-                assert torch.allclose(br.latents[rows], x0, atol=1e-5)
-    # zero perturbations: every variant's branches equal the original's (same prefix noise, same branch noise)
-    same = S.sample_branches(f, None, _perturbed(P, K, zero=True), G, plan, num_steps=T, latent_size=(4, 4),
-                             generator=torch.Generator().manual_seed(2))
-    orig = same.variant == 0
-    assert torch.equal(same.latents[~orig], same.latents[orig])
-    # the forwards: a prefix to the last branch point (i = 2: 3 calls per condition), then the Euler suffixes of both
-    # steps together: from σ_1 the G branches of (0, 1), from σ_5 those of (2, 3) too
-    f.calls.clear()
-    S.sample_branches(f, None, _perturbed(1, 1), G, plan, num_steps=T, latent_size=(4, 4), micro_batch=64)
-    assert [c[3] for c in f.calls] == [1] * 3 + [G] * 4 + [2 * G] * 3
-    with pytest.raises(ValueError, match="plan"):
-        S.sample_branches(f, None, pert, G, [(5, 3)], num_steps=T, latent_size=(4, 4))
-
-
-def reference_grpo_loss(log_prob, old_log_prob, adv, eps, a_max, mean=None, mean_ref=None, s_t=None, beta=0.0):
-    """Flow-GRPO's loss transition by transition in float64, as the issue writes it (summed; the caller divides)."""
-    total = 0.0
-    for i in range(len(log_prob)):
-        a = min(max(float(adv[i]), -a_max), a_max)
-        ratio = torch.exp(log_prob[i].double() - float(old_log_prob[i]))
-        total = total + torch.maximum(-a * ratio, -a * ratio.clamp(1 - eps, 1 + eps))
-        if mean_ref is not None:
-            total = total + beta * ((mean[i].double() - mean_ref[i].double()) ** 2).mean() / (2 * float(s_t[i]) ** 2)
-    return total
-
-
-@pytest.mark.parametrize("eps,beta", [(1e-4, 0.0), (0.2, 0.04), (0.05, 1.0)])
-def test_train_grpo_loss_matches_transcription_clip_and_kl(eps, beta):
-    g = torch.Generator().manual_seed(0)
-    M_ = 6
-    old = torch.randn(M_, generator=g)
-    log_prob = (old + torch.tensor([0.0, 0.5, -0.5, 1e-5, -0.3, 0.3])).requires_grad_(True)
-    adv = torch.tensor([1.0, 2.0, -1.5, 7.0, 0.5, -9.0])                  # ±5 clipping on the last two
-    mean = torch.randn(M_, 4, 3, 3, generator=g).requires_grad_(True)
-    mean_ref, s_t = mean.detach() + 0.1 * torch.randn(M_, 4, 3, 3, generator=g), torch.rand(M_, generator=g) + 0.5
-    loss, terms = train.grpo_loss(log_prob, old, adv, eps, 5.0, mean, mean_ref, s_t, beta)
-    lp64, mean64 = log_prob.detach().double().requires_grad_(True), mean.detach().double().requires_grad_(True)
-    ref = reference_grpo_loss(lp64, old, adv, eps, 5.0, mean64, mean_ref, s_t, beta)
-    assert loss.shape == (M_,) and torch.allclose(loss.sum().double(), ref, rtol=1e-6, atol=1e-5)
-    loss.sum().backward()
-    ref.backward()
-    torch.testing.assert_close(log_prob.grad.double(), lp64.grad, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(mean.grad.double(), mean64.grad, rtol=1e-5, atol=1e-9)
-    ratio = torch.exp(log_prob.detach() - old)
-    assert torch.equal(terms["clip_frac"], ((ratio - 1).abs() > eps).float())
-    kl = ((mean.detach() - mean_ref) ** 2).mean((1, 2, 3)) / (2 * s_t ** 2)     # ÷ 2 s_t², not 2 s_t²·|dt|
-    torch.testing.assert_close(terms["kl"], kl)
-    # the clip: outside 1 ± ε on the side the advantage pushes towards, the policy term has no gradient
-    pushed_out = ((adv > 0) & (ratio > 1 + eps)) | ((adv < 0) & (ratio < 1 - eps))
-    if beta == 0:
-        assert (log_prob.grad[pushed_out] == 0).all() and (log_prob.grad[~pushed_out] != 0).all()
-    # no reference: no KL term
-    assert torch.equal(train.grpo_loss(log_prob, old, adv, eps, 5.0)[1]["kl"], torch.zeros(M_))
-
-
-def test_train_grpo_ratio_is_one_on_policy():
-    """The first update's old log-prob is the policy's own, detached: ratio exactly 1, no clipping at any ε, and the
-    gradient is −A·∇log p (REINFORCE with the group baseline)."""
-    lp = (torch.randn(5, generator=torch.Generator().manual_seed(1)) * 30).requires_grad_(True)
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.25, 3.0])
-    loss, terms = train.grpo_loss(lp, lp.detach(), adv, 1e-12, 5.0)
-    assert torch.equal(terms["ratio"], torch.ones(5)) and terms["clip_frac"].sum() == 0
-    assert torch.equal(terms["approx_kl"], torch.zeros(5))
-    loss.sum().backward()
-    assert torch.equal(lp.grad, -adv)
-
-
-def test_train_grpo_groups_advantages_and_update_slices():
-    """E-GRPO's sample order makes (prompt, step) groups contiguous: the group mean is per (prompt, step) and a group
-    of equal rewards gets zero advantage (then its samples are dropped); grpo_chunks splits every group evenly, by a
-    keyed permutation."""
-    cfg = SimpleNamespace(**{**train.config_defaults(), "method": "e_grpo", "num_variants": 1, "num_seeds": 4,
-                             "global_std": False, "prompts_per_step": 2, "egrpo_branch_steps": 2})
-    assert train.group_size(cfg) == 4 and train.samples_per_prompt(cfg) == 8
-    # 2 prompts × 2 steps × 4 branches; prompt 0 step 1 all equal
-    rewards = torch.tensor([0.1, 0.4, 0.2, 0.3, 0.7, 0.7, 0.7, 0.7, 0.0, 1.0, 0.0, 1.0, 0.5, 0.6, 0.5, 0.6])
-    run = SimpleNamespace(cfg=cfg, world=SimpleNamespace(ddp=False, rank=0, world_size=1, device=torch.device("cpu")))
-    ga = train.group_advantages(run, {"avg": rewards})
-    for grp in range(4):
-        r = rewards[grp * 4:(grp + 1) * 4].double()
-        expect = (r - r.mean()) / (r.std(unbiased=False) + 1e-4)
-        torch.testing.assert_close(ga.adv[grp * 4:(grp + 1) * 4], expect.clamp(-5, 5))
-    keep = ga.adv.abs() > train.ZERO_ADV
-    assert keep.tolist() == [True] * 4 + [False] * 4 + [True] * 8
-    assert ga.stats["zero_std_ratio"] == 0.25 and ga.n_local == 16
-    # the slices: grpo_updates = 2 puts two members of every group in each, the same on every call
-    cfg.grpo_updates = 2
-    chunk = train.grpo_chunks(cfg, 3, 16, 4)
-    assert all(sorted(chunk[g * 4:(g + 1) * 4].tolist()) == [0, 0, 1, 1] for g in range(4))
-    assert torch.equal(chunk, train.grpo_chunks(cfg, 3, 16, 4))
-    assert not torch.equal(chunk, train.grpo_chunks(cfg, 4, 16, 4))
-    cfg.grpo_updates = 1
-    assert torch.equal(train.grpo_chunks(cfg, 3, 16, 4), torch.zeros(16, dtype=torch.long))
-
-
-GRPO = dict(method="flow_grpo", num_variants=1, num_seeds=4)
-
-
-@pytest.mark.parametrize("over,match", [
-    ({"method": "ppo"}, "method must be one of"),
-    ({**GRPO, "sde_eta": 0.0}, "sde_eta must be > 0"),
-    ({**GRPO, "grpo_clip_range": 0.0}, "grpo_clip_range must be > 0"),
-    ({**GRPO, "grpo_kl_beta": -0.1}, "grpo_kl_beta must be >= 0"),
-    ({**GRPO, "grpo_updates": 0}, "grpo_updates=0 must be in"),
-    ({**GRPO, "grpo_updates": 5}, "grpo_updates=5 must be in"),
-    ({**GRPO, "num_variants": 2, "num_seeds": 2, "grpo_variants": True, "grpo_updates": 2}, "needs grpo_updates=1"),
-    ({**GRPO, "sde_window": 3, "sde_window_range": (0, 2)}, "sde_window=3 in sde_window_range"),
-    ({**GRPO, "sde_window": 2, "sde_window_range": (0, 10)}, "hi <= train_sample_steps − 1 = 9"),
-    ({**GRPO, "sde_window": 2, "sde_window_range": (0, 4.0)}, "two ints"),
-    ({**GRPO, "sde_window": -1}, "sde_window must be >= 0"),
-    ({**GRPO, "egrpo_branch_steps": 1}, "E-GRPO's"),
-    ({**GRPO, "train_sample_steps": 1, "timestep_fraction": 1.0}, "needs >= 2"),
-    ({"sde_window": 2}, "belongs to a GRPO method"),
-    ({**GRPO, "method": "e_grpo", "sde_window": 2}, "Flow-GRPO-Fast"),
-    ({**GRPO, "method": "e_grpo", "egrpo_tau": 0.0}, "egrpo_tau must be > 0"),
-    ({**GRPO, "method": "e_grpo", "egrpo_tau": float("nan")}, "egrpo_tau=nan is not a finite number"),
-    ({**GRPO, "method": "e_grpo", "egrpo_branch_steps": 8}, r"egrpo_branch_steps=8 must be in \[0, 7\]"),
-])
-def test_train_grpo_validation_rejects_bad_settings(tmp_path, tiny_root, over, match):
-    with pytest.raises(ValueError, match=match):
-        train.validate_config(cfg_for(tmp_path, tiny_root, **over), 1)
-
-
-def test_train_grpo_validation_accepts_the_methods_micro_batches_and_combinations(tmp_path, tiny_root, capsys):
-    # E²PO's variants are off for a GRPO method unless grpo_variants=True: the world's K = 4 becomes 1 (and says so)
-    cfg = train.validate_config(cfg_for(tmp_path, tiny_root, method="flow_grpo", num_seeds=2), 1)
-    assert cfg.num_variants == 1 and train.config_to_json(cfg)["num_variants"] == 1
-    assert "num_variants=4 → 1" in capsys.readouterr().out
-    cfg = train.validate_config(cfg_for(tmp_path, tiny_root, method="e_grpo", num_seeds=2, grpo_variants=True), 1)
-    assert cfg.num_variants == 4
-    # GRPO micro-batches its kept transitions: no divisibility asked of train_micro_batch
-    train.validate_config(cfg_for(tmp_path, tiny_root, **GRPO, train_micro_batch=3), 1)
-    train.validate_config(cfg_for(tmp_path, tiny_root, **GRPO, sde_window=3, sde_window_range=(0, 5)), 1)
-    train.validate_config(cfg_for(tmp_path, tiny_root, **{**GRPO, "method": "e_grpo"}, egrpo_branch_steps=7), 1)
-    train.validate_config(cfg_for(tmp_path, tiny_root, **{**GRPO, "num_variants": 2, "num_seeds": 2},
-                                  grpo_variants=True), 1)
-
-
-def test_train_grpo_presets():
-    defaults = train.config_defaults()
-    expect = {"flow_grpo_geneval": ("flow_grpo", 24, 24, 0.04), "flow_grpo_pickscore": ("flow_grpo", 24, 24, 0.01),
-              "e_grpo_geneval": ("e_grpo", 8, 56, 0.04), "e_grpo_pickscore": ("e_grpo", 8, 56, 0.01)}
-    for name, (method, G, per_prompt, beta) in expect.items():
-        cfg = configurator.configure(defaults, [os.path.join(REPO, "config", name + ".py")])
-        ns = train.SimpleNamespace(**cfg)
-        assert (cfg["method"], cfg["num_seeds"], train.samples_per_prompt(ns), cfg["grpo_kl_beta"]) == \
-            (method, G, per_prompt, beta), name
-        assert cfg["num_variants"] == 1 and not cfg["grpo_variants"]
-        for world in (1, 2, 4, 8):
-            assert cfg["prompts_per_step"] % world == 0
-        assert train.group_size(ns) % cfg["rollout_micro_batch"] == 0
-        if method == "flow_grpo":     # Flow-GRPO's geneval_sd3 / pickscore_sd3
-            assert (cfg["train_sample_steps"], cfg["sde_eta"], cfg["grpo_clip_range"], cfg["grpo_updates"],
-                    cfg["learning_rate"], cfg["global_std"]) == (10, 0.7, 1e-4, 2, 3e-4, True)
-        else:                         # the E-GRPO paper's T, a, τ, first 8 steps, lr, iterations
-            assert (cfg["train_sample_steps"], cfg["sde_eta"], cfg["egrpo_tau"], train.num_train_timesteps(ns),
-                    cfg["learning_rate"], cfg["max_steps"], cfg["global_std"]) == (16, 0.7, 2.2, 8, 2e-6, 300, False)
-            assert train.egrpo_plan(ns) == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (7, 2)]
-
-
-def grpo_config(root, out_dir, method="flow_grpo", **over):
-    """tiny_config for the GRPO methods: K = 1; Flow-GRPO G = 4 (trains steps 0, 1 of 3), E-GRPO G = 2 at each of the
-    plan's 2 active steps [(0, 1), (1, 1)] (4 images per prompt)."""
-    return tiny_config(root, out_dir, **{"method": method, "num_variants": 1,
-                                         "num_seeds": 4 if method == "flow_grpo" else 2, **over})
-
-
-@pytest.mark.parametrize("method,over", [
-    ("flow_grpo", {}),
-    ("flow_grpo", {"sde_window": 1, "sde_window_range": (0, 2)}),                     # Flow-GRPO-Fast
-    ("e_grpo", {}),
-    ("flow_grpo", {"num_variants": 2, "num_seeds": 2, "grpo_variants": True}),        # E²PO's variants + GRPO
-    ("e_grpo", {"num_variants": 2, "num_seeds": 2, "grpo_variants": True, "egrpo_branch_steps": 1}),
-])
-def test_train_grpo_two_iterations(tiny_root, tmp_path, fake_reward, method, over):
-    train.train(grpo_config(tiny_root, tmp_path, method, grpo_kl_beta=0.1, **over))
-    rows = train.read_log(str(tmp_path / "log.jsonl"))
-    assert [r["step"] for r in rows] == [0, 1, 2]
-    for key in ("reward_mean", "reward_std", "zero_std_ratio", "loss", "policy_loss", "kl", "ratio", "clip_frac",
-                "approx_kl", "logprob_gap", "grad_norm", "kept_fraction", "lr", "time_rollout", "time_update"):
-        assert key in rows[1] and math.isfinite(rows[1][key]), key
-    for r in rows[1:]:
-        assert r["ratio"] == 1.0 and r["clip_frac"] == 0.0 and r["approx_kl"] == 0.0    # one update: on-policy
-        assert r["logprob_gap"] < 1e-5            # the training forward recomputes the rollout's transition
-        assert r["updates"] == 1 and r["grad_norm"] > 0 and r["kept_fraction"] == 1.0 and "old_decay" not in r
-    assert rows[2]["kl"] > 0 and rows[2]["reward_std"] > 0 and "eval_reward" in rows[2]
-    if method == "e_grpo":
-        active = over.get("egrpo_branch_steps") or 2
-        assert rows[1]["egrpo_active_steps"] == active and rows[1]["egrpo_merged_steps"] == 0
-    if over.get("grpo_variants"):
-        assert "mean_pairwise_cos" in rows[1] and "variant_spread" in rows[1]
-    ad = adapters_of(tmp_path)
-    assert set(ad) == {"policy", "ema"}                                       # no old adapter: on-policy
-    assert any(v.abs().sum() > 0 for k, v in ad["policy"].items() if k.endswith("lora_B"))
-    for f in ("ckpt.pt", "lora_policy.safetensors", "curves.png", "samples/after.png", "groups/step_000001.png"):
-        assert (tmp_path / f).is_file(), f
-
-
-def test_train_grpo_first_update_is_on_policy_the_second_is_not(tiny_root, tmp_path, fake_reward, monkeypatch):
-    """grpo_updates = 2 (Flow-GRPO's presets): every ratio before the first optimizer step is exactly 1; after it, the
-    rollout's log-probs are θ_old's and the ratios move (and clip at a small ε)."""
-    events, real_loss, real_step = [], train.grpo_loss, torch.optim.AdamW.step
-
-    def loss(*a, **k):
-        out = real_loss(*a, **k)
-        events.append(out[1]["ratio"].clone())
-        return out
-
-    def step(self, *a, **k):
-        events.append("step")
-        return real_step(self, *a, **k)
-    monkeypatch.setattr(train, "grpo_loss", loss)
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    train.train(grpo_config(tiny_root, tmp_path, grpo_updates=2, max_steps=1, eval_every=0, log_images_every=0,
-                            grpo_clip_range=1e-6))
-    first = events.index("step")
-    assert first > 0 and events.count("step") == 2
-    assert all(torch.equal(r, torch.ones_like(r)) for r in events[:first])
-    later = torch.cat([r for r in events[first + 1:] if not isinstance(r, str)])
-    assert (later != 1).any() and ((later - 1).abs() > 1e-6).any()
-    row = train.read_log(str(tmp_path / "log.jsonl"))[-1]
-    assert row["updates"] == 2 and 0 < row["clip_frac"] <= 0.5
-
-
-@pytest.mark.parametrize("method", ["flow_grpo", "e_grpo"])
-def test_train_grpo_resume_2_plus_2_equals_4(tiny_root, tmp_path, fake_reward, method):
-    over = dict(eval_every=0, log_images_every=0, grpo_updates=2, egrpo_branch_steps=1 if method == "e_grpo" else 0)
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    train.train(grpo_config(tiny_root, straight, method, max_steps=4, **over))
-    train.train(grpo_config(tiny_root, split, method, max_steps=2, **over))
-    train.train(grpo_config(tiny_root, split, method, max_steps=4, resume=True, **over))
-    a, b = adapters_of(straight), adapters_of(split)
-    for name in ("policy", "ema"):
-        for k in a[name]:
-            assert torch.equal(a[name][k], b[name][k]), (name, k)
-    la, lb = train.read_log(str(straight / "log.jsonl")), train.read_log(str(split / "log.jsonl"))
-    assert [r["step"] for r in lb] == [1, 2, 3, 4]
-    assert [(r["loss"], r["ratio"]) for r in la] == [(r["loss"], r["ratio"]) for r in lb]
-
-
-@pytest.mark.parametrize("method", ["flow_grpo", "e_grpo"])
-def test_train_grpo_ddp_two_processes_equal_one(tiny_root, tmp_path, method):
-    wrapper = tmp_path / "run_train.py"
-    wrapper.write_text(WRAPPER.format(repo=REPO))
-    over = dict(grpo_updates=2) if method == "flow_grpo" else dict(egrpo_branch_steps=1)
-    cfg = grpo_config(tiny_root, "x", method, eval_every=2, eval_num_prompts=3, log_images_every=0, max_steps=2,
-                      adam_eps=1.0, learning_rate=1.0, grpo_kl_beta=0.1, **over)
-    keys = ("weights", "resolution", "prompts_per_step", "num_variants", "num_seeds", "emb_steps", "train_sample_steps",
-            "rollout_micro_batch", "train_micro_batch", "lora_rank", "lora_alpha", "learning_rate", "max_steps",
-            "device", "eval_every", "eval_sample_steps", "eval_num_prompts", "log_images_every", "adam_eps",
-            "timestep_fraction", "method", "grpo_kl_beta", *over)
-    args = [f"--{k}={cfg[k]}" for k in keys]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(wrapper), *args, f"--out_dir={tmp_path / 'one'}"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
-                          str(wrapper), *args, f"--out_dir={tmp_path / 'two'}"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    w1 = torch.load(tmp_path / "one" / "rank0_policy.pt", weights_only=True)
-    r0 = torch.load(tmp_path / "two" / "rank0_policy.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "two" / "rank1_policy.pt", weights_only=True)
-    assert all(torch.equal(a, b) for a, b in zip(r0, r1))                       # ranks agree exactly
-    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(w1, r0))   # = the 1-process run
-    assert sum(a.abs().sum() for a in w1[1::2]) > 0                                  # lora_B moved
-    la = train.read_log(str(tmp_path / "one" / "log.jsonl"))
-    lb = train.read_log(str(tmp_path / "two" / "log.jsonl"))
-    for x, y in zip(la, lb):
-        for k in ("reward_mean", "reward_std", "loss", "kl", "ratio", "kept_fraction", "eval_reward",
-                  "egrpo_active_steps", "egrpo_step_entropy"):
-            if k in x:
-                assert math.isclose(x[k], y[k], rel_tol=1e-4, abs_tol=1e-7), (k, x[k], y[k])
-
-
-@pytest.mark.parametrize("method,over", [("flow_grpo", {"num_seeds": 8}),
-                                         ("e_grpo", {"num_seeds": 4, "egrpo_branch_steps": 2, "global_std": False})])
-def test_train_grpo_on_the_shipped_world(tmp_path, method, over):
-    """Two iterations of each method on the world as shipped (its pretrained model, the real shapes reward)."""
-    train.train(dict(out_dir=str(tmp_path), method=method, num_variants=1, max_steps=2, prompts_per_step=2,
-                     eval_every=2, eval_num_prompts=4, eval_num_images=1, eval_sample_steps=4, log_images_every=1,
-                     save_every=0, **over))
-    rows = train.read_log(str(tmp_path / "log.jsonl"))
-    assert [r["step"] for r in rows] == [0, 1, 2]
-    for r in rows[1:]:
-        assert 0 <= r["reward_mean"] <= 1 and 0 <= r["zero_std_ratio"] <= 1 and 0 <= r["kept_fraction"] <= 1
-        for key in ("reward_std", "grad_norm", "kept_fraction"):
-            assert math.isfinite(r[key]), key
-        if r["updates"]:     # a step whose groups all scored equal trains nothing (and logs no loss)
-            assert all(math.isfinite(r[k]) for k in ("loss", "kl", "ratio", "logprob_gap"))
-    assert 0 <= rows[2]["eval_reward"] <= 1
-
-
-def test_train_flow_grpo_step_written_out(tiny_root, tmp_path, fake_reward):
-    """Two Flow-GRPO iterations equal the method written out here from the primitives and the float64 formulas:
-    encode → SDE rollout with the policy (sde_step_float64, the keyed noise) → reward → advantages (group mean,
-    global std, ±5) → for every sample and trained step: the policy's and the reference's (LoRA off) step means, the
-    clipped ratio to the rollout's log-prob, the KL ÷ 2 s_t² → mean over samples × steps → clip → AdamW. (Two, so
-    that the second has a policy away from the reference: the KL's gradient is zero at the zero-initialised LoRA.)"""
-    from model import load_text_encoders
-    G, T, eta, beta = 4, 3, 0.7, 0.5
-    run = train.train(grpo_config(tiny_root, tmp_path, max_steps=2, eval_every=0, log_images_every=0, grpo_kl_beta=beta,
-                                  train_micro_batch=3, adam_eps=1.0, learning_rate=1.0))
-    cfg = run.cfg
-    dit, vae = model.load_mmdit(tiny_root), model.load_vae(tiny_root)
-    text = load_text_encoders(tiny_root, t5=False, max_sequence_length=cfg.max_sequence_length)
-    model.add_lora(dit, rank=cfg.lora_rank, alpha=cfg.lora_alpha, adapter="policy", seed=cfg.seed)
-    params = model.lora_parameters(dit, "policy")
-    p0 = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                            weight_decay=cfg.weight_decay)
-    fn, sig = fake_reward_build("shapes"), S.sigma_schedule(T)
-    kls = []
-    for step in range(2):
-        trajs, lps, rs, conds = [], [], [], []
-        for slot, idx in enumerate(train.prompts_for_step(cfg, step)):
-            context, pooled = text.encode([cfg.train_items[idx]["prompt"]])
-            cond = (context.expand(G, -1, -1), pooled.expand(G, -1))
-            gen = train.keyed_generator(cfg.seed, step, "rollout", slot)
-            x = torch.randn((1, G, 16, 8, 8), generator=gen)[0]
-            noises = [torch.randn((1, G, 16, 8, 8), generator=gen)[0] for _ in range(T - 1)]
-            traj, lp = [x], []
-            with model.use_adapter(dit, "policy"), torch.no_grad():
-                for i in range(T):
-                    v = dit(x, sig[i].expand(G), *cond)
-                    if i < T - 1:
-                        x, log_prob, _, _ = sde_step_float64(x, v, sig[i].expand(G), sig[i + 1].expand(G), eta,
-                                                             noise=noises[i])
-                        x = x.float()
-                        lp.append(log_prob)
-                    else:                                              # the last step: deterministic
-                        x = x + (sig[i + 1] - sig[i]) * v
-                    traj.append(x)
-            trajs.append(traj), lps.append(lp), conds.append(cond)
-            rs.append(fn(vae.decode(x).float(), None)["avg"])
-        rew = torch.cat(rs).double()
-        adv = torch.cat([(g - g.mean()) / (rew.std(unbiased=False) + 1e-4) for g in rew.split(G)])
-        assert (adv.abs() > 1e-8).all() and adv.std() > 0             # nothing dropped here
-        n_terms = len(adv) * 2                                         # 2 trained steps (0, 1) of 3 per sample
-        kl = 0.0
-        for p in range(2):
-            for t in range(2):
-                args = (sig[t].expand(G), sig[t + 1].expand(G), eta)
-                with model.use_adapter(dit, "policy"):
-                    v = dit(trajs[p][t], sig[t].expand(G), *conds[p])
-                with model.use_adapter(dit, None), torch.no_grad():
-                    v_ref = dit(trajs[p][t], sig[t].expand(G), *conds[p])
-                _, log_prob, mean, s_t = sde_step_float64(trajs[p][t], v, *args, prev_sample=trajs[p][t + 1])
-                mean_ref = sde_step_float64(trajs[p][t], v_ref, *args, prev_sample=trajs[p][t + 1])[2]
-                loss = reference_grpo_loss(log_prob, lps[p][t], adv[p * G:(p + 1) * G], cfg.grpo_clip_range,
-                                           cfg.adv_clip_max, mean, mean_ref, s_t, beta)
-                (loss / n_terms).backward()
-                kl += reference_grpo_loss(log_prob.detach(), log_prob.detach(), 0 * adv, 1, 5, mean.detach(), mean_ref,
-                                          s_t, 1.0).item() / n_terms
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad()
-        kls.append(kl)
-    rows = train.read_log(str(tmp_path / "log.jsonl"))
-    assert kls[0] < 1e-12 < kls[1] and math.isclose(rows[-1]["kl"], kls[1], rel_tol=1e-3)
-    moved = 0
-    for a, b, c in zip(model.lora_parameters(run.model, "policy"), params, p0):
-        assert torch.allclose(a.detach(), b.detach(), atol=1e-5, rtol=1e-4)
-        moved += (b.detach() - c).abs().sum().item()
-    assert moved > 0
-
-
-def test_bench_grpo_row_times_flow_grpo_against_the_nft_step(tmp_path):
-    out = tmp_path / "bench.md"
-    assert bench.main(["--rows", "grpo", "--repeats", "1", "--batch", "2", "--out", str(out)]) == 0
-    text = out.read_text()
-    assert "failed" not in text, text
-    rows = [l for l in text.splitlines() if l.startswith("| Flow-GRPO step")]
-    assert len(rows) == 2 and "no CFG" in rows[0] and "with CFG 4.5" in rows[1]
-    for line in rows:
-        ours, nft, ratio = (float(c) for c in line.split("|")[2:5])
-        assert ours > 0 and nft > 0 and ratio > 0, line
