@@ -3729,26 +3729,41 @@ def test_bench_grpo_row_times_flow_grpo_against_the_nft_step(tmp_path):
 def test_compare_gives_every_method_the_same_budget_and_reports_seed_statistics(tmp_path):
     from data.shapes import compare
     for k in (2, 4):
-        for method in compare.METHODS:
+        for method in (*compare.METHODS, "e2po_k2", "e2po_k8"):
             cfg = SimpleNamespace(**{**train.config_defaults(), **compare.method_overrides(method, 8, k)})
-            assert train.samples_per_prompt(cfg) == 8, (method, k)
+            want = 8 // k if method == "nft_same_g" else 8           # same N, except the same-G baseline
+            assert train.samples_per_prompt(cfg) == want, (method, k)
+    assert compare.method_overrides("e2po_k8", 8, 4) == {"num_variants": 8, "num_seeds": 1}
+    with pytest.raises(ValueError, match="not a multiple of K=3"):
+        compare.method_overrides("e2po_k3", 8, 4)
+    with pytest.raises(ValueError, match="unknown method"):
+        compare.method_overrides("ppo", 8, 4)
     # two seeds of one method, hand-made logs: the table's numbers are the seed means and sample stds
     runs = []
     for seed, (after, strict) in enumerate(((0.20, 0.05), (0.30, 0.15))):
         rows = [{"step": 0, "eval_reward": 0.1, "eval_shapes_strict": 0.0}]
         rows += [{"step": s, "reward_mean": 0.1 * s, "reward_std": 0.2, "reward_std_anchor": 0.1 * (seed + 1),
-                  "zero_std_ratio": 0.5} for s in range(1, 11)]
+                  "zero_std_ratio": 0.05 * s, "variant_noise_ratio": 0.5} for s in range(1, 11)]
         rows += [{"step": 10, "eval_reward": after, "eval_shapes_strict": strict}]
-        runs.append((seed, {"num_variants": 4, "num_seeds": 2, "anchor": True}, rows))
-    nft = [(0, {"num_variants": 1, "num_seeds": 8, "anchor": True},
-            [{k: v for k, v in r.items() if k != "reward_std_anchor"} for r in runs[0][2]])]
+        runs.append((seed, {"num_variants": 4, "num_seeds": 2, "anchor": True, "wall_seconds": 600}, rows))
+    nft = [(s, {"num_variants": 1, "num_seeds": 8, "anchor": True, "wall_seconds": None},
+            [{k: v for k, v in r.items() if k not in ("reward_std_anchor", "variant_noise_ratio")} for r in rows])
+           for s, _, rows in runs]
     text = compare.table({"e2po": runs, "nft": nft})
     row = next(line for line in text.splitlines() if line.startswith("| e2po"))
     spread = f"{np.std([0.2, 0.3], ddof=1):.3f}"
-    assert f"| 0.250 ± {spread} | 0.150 ± {spread} | 0.100 ± 0.071 |" in row
-    assert "| 0.200 ± 0.000 | 0.150 ± 0.071 | 0.50 ± 0.00 |" in row      # std, the anchor's noises alone, zero-std
-    assert "| 0.200 ± 0.000 | – | 0.50 ± 0.00 |" in next(line for line in text.splitlines() if line.startswith("| nft"))
-    assert "0.100 → 1.000" in row and "| 4 × 2 |" in row and "2 (0 1)" in row
-    assert "before training (base model, every method and seed): 0.100 ± 0.000" in text
-    compare.plot({"e2po": runs}, tmp_path / "c.png")
-    assert Image.open(tmp_path / "c.png").size[0] == 3 * 420
+    # strict after, strict gain, partial after, partial gain
+    assert f"| 0.100 ± 0.071 | 0.100 ± 0.071 | 0.250 ± {spread} | 0.150 ± {spread} |" in row
+    assert "| 0.200 ± 0.000 | 0.150 ± 0.071 | 0.28 ± 0.00; 0.05 → 0.50 | 0.50 ± 0.00 |" in row  # std, anchor, zero, ratio
+    assert "| 4 × 2 | 10.0 |" in row and "0.100 → 1.000" in row and "2 (0 1)" in row
+    assert "| 1 × 8 | – |" in next(line for line in text.splitlines() if line.startswith("| nft"))
+    assert "before training (the base model, every method and seed): strict 0.000 ± 0.000, partial 0.100" in text
+    # Δ ± SE: equal runs are not separable; a difference of 14 SE is
+    assert compare.delta([0.2, 0.3], [0.2, 0.3]) == "+0.000 ± 0.071 (not separable from seed noise)"   # √(2·0.005/2)
+    assert compare.delta([1.0, 1.1], [0.0, 0.1]) == "+1.000 ± 0.071 (separable)"
+    sections = compare.questions({"e2po": runs, "nft": nft})
+    assert sections.startswith("### Fig. 2") and "Tab. 1" not in sections          # only the questions that ran
+    assert "| nft | 0.100 ± 0.071 | 0.250 ± 0.071 | 0.200 → 0.200 | 0.05 → 0.50 |" in sections
+    assert "- e2po − nft: strict +0.000 ± 0.071 (not separable from seed noise)" in sections
+    compare.plot({"e2po": runs, "nft": nft}, tmp_path / "c.png")
+    assert Image.open(tmp_path / "c.png").size[0] == 4 * 420
