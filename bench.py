@@ -84,7 +84,7 @@ sys.path.insert(0, str(HERE))
 
 TINY_MMDIT = dict(hidden_size=128, depth=4, num_heads=2, context_dim=256, pooled_dim=192, pos_embed_max_size=16,
                   qk_norm=True, dual_attention_layers=(0, 1))         # data/shapes/pretrain.py's MMDIT
-TINY_VAE = (32, 32, 64, 64)
+TINY_VAE = (32, 32, 64)                                              # data/shapes/pretrain.py's VAE_CHANNELS (4x)
 TINY_WEIGHTS = HERE / "data" / "shapes" / "sd3_tiny"
 LORA_RANK, LORA_ALPHA = 32, 64
 NFT_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",                # DiffusionNFT's peft targets
@@ -94,10 +94,10 @@ NUM_VARIANTS, DELTA_STEPS = 12, 300
 ROWS = ("forward", "nft", "grpo", "rollout", "vae", "delta")
 # per size and device: batch, latent side (h = w), context tokens, repeats, which rows
 SIZES = {
-    ("default", "cpu"): dict(batch=8, latent=8, context=24, repeats=30, warmup=3,
+    ("default", "cpu"): dict(batch=8, latent=16, context=24, repeats=30, warmup=3,     # the world: 64 px / 4x VAE
                              rows=("forward", "nft", "grpo", "rollout", "vae", "delta"), delta_batch=8),
     ("sd35m", "cpu"): dict(batch=1, latent=64, context=77 + 256, repeats=5, warmup=1, rows=("forward",)),
-    ("default", "cuda"): dict(batch=32, latent=8, context=24, repeats=20, warmup=5,
+    ("default", "cuda"): dict(batch=32, latent=16, context=24, repeats=20, warmup=5,
                               rows=("forward", "nft", "grpo", "rollout", "vae", "delta"), delta_batch=8),
     ("sd35m", "cuda"): dict(batch=8, latent=64, context=77 + 256, repeats=10, warmup=3,
                             rows=("forward", "nft", "grpo", "rollout", "vae", "delta"), delta_batch=8),
@@ -631,7 +631,7 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                     help="default: float32 (default size, CPU), bfloat16 (sd35m CPU), float16 (CUDA)")
     ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--resolution", type=int, default=None, help="image side in pixels (latent = side / 8)")
+    ap.add_argument("--resolution", type=int, default=None, help="image side in pixels (latent = side / the VAE factor: the world 4, SD3.5 8)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--rows", default=None, help="comma list of forward,nft,grpo,rollout,vae,delta")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU default: 1)")
@@ -655,9 +655,10 @@ def main(argv=None):
         if getattr(args, key):
             setting[key] = getattr(args, key)
     if args.resolution:
-        if args.resolution % 16:
-            ap.error("--resolution must be a multiple of 16")
-        setting["latent"] = args.resolution // 8
+        factor = 2 ** (len(TINY_VAE) - 1) if args.size == "default" else 8      # the world's VAE is 4x, SD3.5's 8x
+        if args.resolution % (2 * factor):
+            ap.error(f"--resolution must be a multiple of {2 * factor} (VAE factor {factor} × patch 2)")
+        setting["latent"] = args.resolution // factor
     rows_wanted = tuple(args.rows.split(",")) if args.rows else setting["rows"]
     unknown = set(rows_wanted) - set(ROWS)
     if unknown:
