@@ -162,8 +162,7 @@ max_sequence_length = 0     # T5 tokens; 0 = the pipeline's own (its e2po.json: 
 train_prompts = "data/shapes/train.jsonl"   # GenEval-format jsonl (key "prompt") or .txt, one prompt a line
 eval_prompts = "data/shapes/test.jsonl"
 eval_num_prompts = 0        # first N held-out prompts (0 = all)
-eval_num_images = 16        # images per held-out prompt (noise keyed by prompt and image, not by seed); at 4 the
-                            # score of one policy had a std of ≈0.015 over noise draws (a run's gain: ≈0.04)
+eval_num_images = 16        # images per held-out prompt (noise keyed by prompt and image, not by seed; RESULTS.md)
 reward = "shapes"           # "name" or "name:weight,name:weight" (reward.py); the world: GenEval's partial score, the
                             # paper's training reward ("shapes_soft": averaged over detection thresholds, denser)
 reward_paths = {}           # local model folders, e.g. {"pickscore": "/models/PickScore_v1"}
@@ -179,9 +178,7 @@ anchor = True               # reference-anchored batching: C_orig is a member of
 schedule = "noise_aware"    # Eq. 13; "static" = γ ≡ 1
 rho = 0.4                   # perturbation range ρ
 # Phase I: embedding perturbation (Eq. 9-12)
-emb_steps = 50              # T_emb (paper and the SD3.5 presets: 300). On the world the ‖δ‖max bound binds within
-                            # 50 steps: mean pairwise cos 0.599 and cos to the anchor 0.827 at 50, 0.601 and 0.834 at
-                            # 100, in half the time (0.29 vs 0.65 s a step)
+emb_steps = 50              # T_emb (paper and the SD3.5 presets: 300; on the world ‖δ‖max binds within 50)
 emb_lr = 1e-3               # α_emb
 sigma_init = 1e-4
 delta_max = 0.025           # ‖δ‖max (paper 0.05 for SD3.5's CLIP-L; the world's tiny CLIP has ~3x smaller
@@ -210,9 +207,7 @@ nft_beta = 1.0              # β: v± = v_old ± β(v_θ − v_old)
 kl_beta = 1e-4              # β_kl, KL to the reference (LoRA off)
 adv_clip_max = 5.0          # A_max
 global_std = True           # advantage std over the whole gathered batch (else per group)
-timestep_fraction = 0.99    # train on int(steps·fraction) of the sampler's σ grid per sample: 9 of 10 (DiffusionNFT).
-                            # More timesteps get more out of each rollout: over seeds 0-2 the world's E²PO gained
-                            # 0.013 ± 0.012 at 0.3, 0.035 ± 0.024 at 0.6, 0.038 ± 0.012 at 0.9 (emb_steps 100)
+timestep_fraction = 0.99    # train on int(steps·fraction) of the sampler's σ grid per sample: 9 of 10 (DiffusionNFT)
 decay_type = 1              # old adapter: 0 = copy θ, 1 = min(0.001·s, 0.5), 2 = 0 until 75 then min(0.0075·(s−75), 0.999)
 # Flow-GRPO and E-GRPO (method="flow_grpo" / "e_grpo"); they share the optimizer, LoRA, EMA, grad_clip, adv_clip_max,
 # global_std, train_sample_steps and timestep_fraction above, and ignore nft_beta, kl_beta, decay_type, train_solver
