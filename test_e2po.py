@@ -2517,6 +2517,26 @@ def test_world_clip_tokenizer_round_trip(tmp_path, pad):
     assert (tmp_path / "vocab.json").exists() and (tmp_path / "merges.txt").exists()
 
 
+# ----------------------------------------------------------------------------- pretrain.py
+def test_world_pretrain_quick_writes_a_pipeline_the_loaders_read(tmp_path):
+    """Every stage of data/shapes/pretrain.py for a few steps, then the real loaders on what it wrote: the world's
+    conventions (its T5 length in e2po.json, its native size, the 4x VAE) come back, and the VAE round trip scores the
+    renders themselves perfectly (the detector was built on them) and the round trip within [0, 1]."""
+    from data.shapes import pretrain
+    root = tmp_path / "sd3_tiny"
+    pretrain.main(["--quick", "--out", str(root), "--threads", str(torch.get_num_threads())])
+    assert model.pipeline_notes(root) == {"max_sequence_length": pretrain.T5_LENGTH}
+    assert model.native_size(root) == world.SIZE
+    dit, vae, text = pretrain.load_pipeline(root)
+    assert vae.factor == 4 and dit.cfg == pretrain.MMDIT
+    context, pooled = text.encode(["a photo of a red circle"])
+    assert torch.isfinite(context).all() and pooled.shape[-1] == pretrain.MMDIT.pooled_dim
+    scores = pretrain.vae_round_trip(vae, num_images=1)
+    assert scores["render"]["overall"] == 1.0 and set(scores["render"]) == set(world.TAGS) | {"overall", "partial"}
+    assert 0.0 <= scores["vae"]["overall"] <= 1.0
+    assert (tmp_path / "sd3_tiny.tmp" / "mmdit.pt").is_file()           # the states stay for --resume
+
+
 # ==============================================================================================================
 # train.py (+ configurator.py): NFT loss, advantages, config, checkpoints, end-to-end runs, DDP
 # ==============================================================================================================
