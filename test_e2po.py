@@ -2517,8 +2517,8 @@ def test_world_clip_tokenizer_round_trip(tmp_path, pad):
     assert (tmp_path / "vocab.json").exists() and (tmp_path / "merges.txt").exists()
 
 
-# ----------------------------------------------------------------------------- pretrain.py
-def test_world_pretrain_quick_writes_a_pipeline_the_loaders_read(tmp_path):
+# ----------------------------------------------------------------------------- rebuilding the model (pretrain.py)
+def test_world_rebuild_quick_writes_a_pipeline_the_loaders_read(tmp_path):
     """Every stage of data/shapes/pretrain.py for a few steps, then the real loaders on what it wrote: the world's
     conventions (its T5 length in e2po.json, its native size, the 4x VAE) come back, and the VAE round trip scores the
     renders themselves perfectly (the detector was built on them) and the round trip within [0, 1]."""
