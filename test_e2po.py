@@ -3146,32 +3146,38 @@ if run.world.ddp:
     torch.distributed.destroy_process_group()
 """
 
-
-def test_train_e2e_ddp_two_processes_equal_one(tiny_root, tmp_path):
-    wrapper = tmp_path / "run_train.py"
-    wrapper.write_text(WRAPPER.format(repo=REPO))
-    keys = ("weights", "resolution", "prompts_per_step", "num_variants", "num_seeds", "emb_steps", "train_sample_steps",
+DDP_KEYS = ("weights", "resolution", "prompts_per_step", "num_variants", "num_seeds", "emb_steps", "train_sample_steps",
             "rollout_micro_batch", "train_micro_batch", "lora_rank", "lora_alpha", "learning_rate", "max_steps",
             "device", "eval_every", "eval_sample_steps", "eval_num_prompts", "log_images_every", "adam_eps",
             "timestep_fraction")
+
+
+def one_and_two_ranks(tmp_path, cfg, keys, port):
+    """train.py (through WRAPPER) with the settings `keys` of cfg, once in one process (out_dir one/) and once under
+    torchrun with 2 ranks (two/): both ranks end with exactly the same policy, equal to the 1-process run's up to
+    summation order, and lora_B moved."""
+    wrapper = tmp_path / "run_train.py"
+    wrapper.write_text(WRAPPER.format(repo=REPO))
+    args = [f"--{k}={cfg[k]}" for k in keys]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, launch in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node=2",
+                                                f"--master_port={port}"])):
+        run = subprocess.run([sys.executable, *launch, str(wrapper), *args, f"--out_dir={tmp_path / name}"], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, (name, run.stderr[-3000:])
+    w1, r0, r1 = (torch.load(tmp_path / d / f"rank{r}_policy.pt", weights_only=True)
+                  for d, r in (("one", 0), ("two", 0), ("two", 1)))
+    assert all(torch.equal(a, b) for a, b in zip(r0, r1))                       # ranks agree exactly
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(w1, r0))   # = the 1-process run
+    assert sum(a.abs().sum() for a in w1[1::2]) > 0                                  # lora_B moved
+
+
+
+def test_train_e2e_ddp_two_processes_equal_one(tiny_root, tmp_path):
     # adam_eps = 1: Adam's update ≈ lr·g, so gradients equal up to summation order give weights equal to 1e-6
     cfg = tiny_config(tiny_root, "x", eval_every=2, eval_num_prompts=3, log_images_every=0, max_steps=2,
                       adam_eps=1.0, learning_rate=1.0)
-    args = [f"--{k}={cfg[k]}" for k in keys]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(wrapper), *args, f"--out_dir={tmp_path / 'one'}"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                          str(wrapper), *args, f"--out_dir={tmp_path / 'two'}"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    w1 = torch.load(tmp_path / "one" / "rank0_policy.pt", weights_only=True)
-    r0 = torch.load(tmp_path / "two" / "rank0_policy.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "two" / "rank1_policy.pt", weights_only=True)
-    assert all(torch.equal(a, b) for a, b in zip(r0, r1))                       # ranks agree exactly
-    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(w1, r0))   # = the 1-process run
-    assert sum((a - torch.zeros_like(a)).abs().sum() for a in w1[1::2]) > 0         # lora_B moved
+    one_and_two_ranks(tmp_path, cfg, DDP_KEYS, port=29517)
     a, b = adapters_of(tmp_path / "one"), adapters_of(tmp_path / "two")
     for name in ("old", "ema"):
         for k in a[name]:
@@ -3437,30 +3443,10 @@ def test_train_grpo_resume_2_plus_2_equals_4(tiny_root, tmp_path, method):
 
 @pytest.mark.parametrize("method", ["flow_grpo", "e_grpo"])
 def test_train_grpo_ddp_two_processes_equal_one(tiny_root, tmp_path, method):
-    wrapper = tmp_path / "run_train.py"
-    wrapper.write_text(WRAPPER.format(repo=REPO))
     over = dict(grpo_updates=2) if method == "flow_grpo" else dict(egrpo_branch_steps=1)
     cfg = grpo_config(tiny_root, "x", method, eval_every=2, eval_num_prompts=3, log_images_every=0, max_steps=2,
                       adam_eps=1.0, learning_rate=1.0, grpo_kl_beta=0.1, **over)
-    keys = ("weights", "resolution", "prompts_per_step", "num_variants", "num_seeds", "emb_steps", "train_sample_steps",
-            "rollout_micro_batch", "train_micro_batch", "lora_rank", "lora_alpha", "learning_rate", "max_steps",
-            "device", "eval_every", "eval_sample_steps", "eval_num_prompts", "log_images_every", "adam_eps",
-            "timestep_fraction", "method", "grpo_kl_beta", *over)
-    args = [f"--{k}={cfg[k]}" for k in keys]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(wrapper), *args, f"--out_dir={tmp_path / 'one'}"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
-                          str(wrapper), *args, f"--out_dir={tmp_path / 'two'}"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    w1 = torch.load(tmp_path / "one" / "rank0_policy.pt", weights_only=True)
-    r0 = torch.load(tmp_path / "two" / "rank0_policy.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "two" / "rank1_policy.pt", weights_only=True)
-    assert all(torch.equal(a, b) for a, b in zip(r0, r1))                       # ranks agree exactly
-    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(w1, r0))   # = the 1-process run
-    assert sum(a.abs().sum() for a in w1[1::2]) > 0                                  # lora_B moved
+    one_and_two_ranks(tmp_path, cfg, DDP_KEYS + ("method", "grpo_kl_beta", *over), port=29519)
     la = train.read_log(str(tmp_path / "one" / "log.jsonl"))
     lb = train.read_log(str(tmp_path / "two" / "log.jsonl"))
     for x, y in zip(la, lb):
