@@ -147,7 +147,7 @@ from configurator import configure
 out_dir = "out"
 resume = False              # continue from out_dir/ckpt.pt (a new run refuses an out_dir that holds one)
 resume_override = False     # resume even where settings that define the run (K, G, reward, seed, ...) changed
-eval_every = 20             # evaluate held-out prompts every N steps (0 = never)
+eval_every = 40             # evaluate held-out prompts every N steps (0 = never)
 save_every = 20             # checkpoint every N steps (and at the end)
 log_images_every = 20       # save one rollout group as a grid every N steps (0 = never)
 grid_prompts = 8            # held-out prompts shown in samples/*.png
