@@ -2584,7 +2584,10 @@ def test_train_nft_loss_matches_design_transcription(beta, kl_beta):
     assert torch.allclose(loss.double(), ref, rtol=1e-5, atol=1e-7)
     ref.backward()
     loss.backward()
-    assert torch.allclose(b.grad.double(), a.grad, rtol=1e-4, atol=1e-9)   # the stop-gradient on the divisor
+    # the stop-gradient on the divisor. float32 against float64: each element within ~16 float32 ulps of the gradient's
+    # scale (elements that are small differences of large terms keep only an absolute accuracy; with atol=1e-9 one
+    # of them missed by 1.7e-4 relative under ATEN_CPU_CAPABILITY=default, the largest error being 4e-8 of 8e-2)
+    assert torch.allclose(b.grad.double(), a.grad, rtol=1e-4, atol=2e-6 * a.grad.abs().max().item())
     assert torch.allclose(terms["kl"].double(), ((a - v_ref.double()) ** 2).mean(), rtol=1e-5)
 
 
