@@ -316,9 +316,8 @@ def geneval_per_tag(dit, vae, text, num_images=16, guidance=(1.0,), steps=20, sp
             dit, noise[a:a + 64], context[a:a + 64], pooled[a:a + 64], num_steps=steps, solver="euler",
             guidance_scale=scale, neg_context=neg[0], neg_pooled=neg[1])) for a in range(0, len(items), 64)])
         scores = fn(images, [m["prompt"] for m in items], items)
-        strict, tags = scores["shapes_strict"], [m["tag"] for m in items]
-        per = {t: float(np.mean([float(s) for s, g in zip(strict, tags) if g == t])) for t in world.TAGS if t in tags}
-        out[scale] = {**per, "overall": float(np.mean(list(per.values()))), "partial": float(scores["shapes"].mean())}
+        out[scale] = {**reward.geneval_summary(scores["shapes_strict"], [m["tag"] for m in items]),
+                      "partial": float(scores["shapes"].mean())}
         if save:
             sample.save_grid(images[::num_images], f"{save}_cfg{scale:g}.png", ncols=8)
     return out
@@ -335,9 +334,7 @@ def vae_round_trip(vae, num_images=4, split="test"):
     out = {}
     for name, x in (("render", images), ("vae", vae.decode(vae.encode(images)).clamp(0, 1))):
         scores = fn(x, prompts, metas)
-        per = {t: float(np.mean([float(s) for s, g in zip(scores["shapes_strict"], tags) if g == t]))
-               for t in world.TAGS if t in tags}
-        out[name] = {**per, "overall": float(np.mean(list(per.values()))), "partial": float(scores["shapes"].mean())}
+        out[name] = {**reward.geneval_summary(scores["shapes_strict"], tags), "partial": float(scores["shapes"].mean())}
     return out
 
 
