@@ -11,10 +11,31 @@ ValueError / TypeError that names the key and where it came from. The one wideni
 int where the default is a float (`--lr=1` means 1.0).
 
 train.py calls `configure(defaults, sys.argv[1:])` and gets the effective config back as a dict.
+
+Every command (train.py, evaluate.py, sample.py, perturb.py, data/shapes/pretrain.py, data/shapes/compare.py) runs
+its checks inside `user_errors(name)`: a mistake in the settings or files it was given prints one line,
+`name: error: message`, and exits with status 2 (as argparse does), without a Python traceback. Errors raised after
+the checks (a bug, a crash mid-run) keep their traceback. E2PO_TRACEBACK=1 shows the traceback of a user error too.
 """
 
 import ast
+import contextlib
 import os
+import sys
+
+USER_ERRORS = (ValueError, TypeError, OSError)   # what the checks raise: bad values, wrong types, missing files
+
+
+@contextlib.contextmanager
+def user_errors(name):
+    """Run a command's checks: a USER_ERRORS exception inside the block exits with its message and status 2."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        if os.environ.get("E2PO_TRACEBACK"):
+            raise
+        print(f"{name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _check(key, value, defaults, origin):
