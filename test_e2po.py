@@ -2303,17 +2303,29 @@ def test_world_bad_metadata_is_a_clear_error():
 
 
 # ----------------------------------------------------------------------------- prompts / split
-def test_world_prompts_split_disjoint_and_cover_all_tags(tmp_path):
+def test_world_prompts_split_holds_out_combinations_not_atoms(tmp_path):
     train, test = world.load_prompts("train"), world.load_prompts("test")
     ptrain, ptest = {r["prompt"] for r in train}, {r["prompt"] for r in test}
     assert len(ptrain) == len(train) and len(ptest) == len(test)      # no duplicates
-    assert not ptrain & ptest
+    singles = {r["prompt"] for r in world.make_prompts() if r["tag"] == "single_object"}
+    assert ptrain & ptest == singles                                    # single objects are atoms: trained and scored
     assert {r["tag"] for r in train} == {r["tag"] for r in test} == set(world.TAGS)
-    assert sorted(json.dumps(r) for r in train + test) == sorted(json.dumps(r) for r in world.make_prompts())
-    for tag in world.TAGS:                                              # stratified ~85/15, at most 12
-        n = sum(r["tag"] == tag for r in train + test)
-        held = sum(r["tag"] == tag for r in test)
-        assert held == world.test_count(n) == min(world.TEST_MAX, max(1, round(world.TEST_FRACTION * n)))
+    everything = {json.dumps(r) for r in world.make_prompts()}
+    assert {json.dumps(r) for r in train + test} == everything
+    for tag in world.TAGS:
+        held = [r for r in test if r["tag"] == tag]
+        assert len(held) == world.TEST_PROMPTS.get(tag, len(singles)) >= 5
+        kept = [r for r in train if r["tag"] == tag]
+        have = set().union(*(world.atoms(r) for r in kept))
+        assert {("shape", c) for c in world.SHAPES} <= have, tag       # every shape trained in every tag
+        if tag in ("colors", "color_attr"):
+            assert {("color", c) for c in world.COLORS} <= have, tag
+        if tag == "position":
+            assert {("relation", r) for r in world.RELATIONS} <= have
+        if tag == "counting":                                           # each count for more than one shape
+            assert all(sum(r["include"][0]["count"] == n for r in kept) >= 2 for n in world.COUNTS)
+    trained = set().union(*(world.atoms(r) for r in train))
+    assert all(world.atoms(r) <= trained for r in test)                 # held out: combinations of trained atoms
     counts = world.write_prompts(tmp_path)                              # shipped files == regeneration
     assert counts == {"train": len(train), "test": len(test)}
     for split in ("train", "test"):

@@ -7,7 +7,8 @@ A small procedural world in which the whole E²PO method runs on CPU in minutes:
   GenEval metadata dict (class, count, colour, relative position);
 * prompts + metadata in GenEval's jsonl format for its six tags (single_object, two_object,
   counting, colors, color_attr, position), every combination of the world enumerated, split
-  train/test by tag (test prompts are held out);
+  train/test by holding out combinations, never atoms (`split_prompts`): every shape, colour, relation and count is
+  trained on, and the held-out prompts combine them in ways training never shows;
 * a numpy detector `detect(images)` returning `reward.Detection`s (label, score, box, mask, colour)
   that plugs into reward.py's GenEval scoring in place of Mask2Former + CLIP colour classification, and the
   world's rewards built on it, registered with reward.py on import: "shapes" (GenEval's partial score, and its
@@ -33,6 +34,7 @@ import itertools
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -64,13 +66,13 @@ SUPERSAMPLE = 4                 # shapes are drawn at 4x and box-downsampled (an
 BACKGROUND = (244, 243, 238)    # light background; each image jitters it by +-BG_JITTER
 BG_JITTER = 6
 COLOR_JITTER = 10               # per-channel jitter of an object's colour (stays nearest its palette colour)
-OBJECT_SIDE = {1: (0.30, 0.50), 2: (0.22, 0.36), 3: (0.18, 0.27), 4: (0.18, 0.27)}  # bbox side / image side
+OBJECT_SIDE = {1: (0.40, 0.60), 2: (0.26, 0.38), 3: (0.22, 0.30), 4: (0.22, 0.30)}  # bbox side / image side
 GAP = 0.05                      # min gap between objects' boxes and to the border (fraction of side, >= 2 px)
 POSITION_SLOPE = 0.3            # "left of": |dy| <= 0.3 |dx| (well inside GenEval's 0.5 cone + 0.1 margin)
 CROSS_ARM = 0.30                # arm thickness of the cross / its side
 
-TEST_FRACTION = 0.15            # held-out prompts per tag (at least one) ...
-TEST_MAX = 12                   # ... and at most 12, so colour pairs (600 prompts) do not swamp the held-out score
+TEST_PROMPTS = dict(           # held-out prompts per tag (single_object: its 5 atoms, also trained on)
+    two_object=6, counting=6, colors=6, color_attr=12, position=12)
 SPLIT_SEED = 0
 HERE = Path(__file__).resolve().parent
 
@@ -126,21 +128,56 @@ def make_prompts() -> list[dict]:
     return rows
 
 
-def test_count(n: int, test_fraction: float = TEST_FRACTION) -> int:
-    """Held-out prompts of a tag with n prompts."""
-    return min(TEST_MAX, max(1, int(round(test_fraction * n))))
+def atoms(row: dict) -> set[tuple]:
+    """What a prompt is made of: its shapes, colours, (shape, count) and relation, each as a tagged tuple."""
+    out = set()
+    for item in row["include"]:
+        out.add(("shape", item["class"]))
+        if "color" in item:
+            out.add(("color", item["color"]))
+        if row["tag"] == "counting":
+            out.add(("count", item["count"]))
+        if "position" in item:
+            out.add(("relation", item["position"][0]))
+    return out
 
 
-def split_prompts(rows: list[dict], test_fraction: float = TEST_FRACTION, seed: int = SPLIT_SEED):
-    """Stratified by tag: a fixed random `test_fraction` of each tag's prompts (at least one, at most TEST_MAX) is
-    held out."""
+def _keeps_atoms(train: list[dict], tag: str) -> bool:
+    """Does a tag's training set still hold every atom of the world it can hold, and every count for more than one
+    shape (so "three" is learned as a number, not as a property of one shape)?"""
+    have = set().union(*(atoms(r) for r in train))
+    need = {("shape", c) for c in SHAPES}
+    if tag in ("colors", "color_attr"):
+        need |= {("color", c) for c in COLORS}
+    if tag == "position":
+        need |= {("relation", r) for r in RELATIONS}
+    if tag == "counting":
+        shapes_per_count = Counter(r["include"][0]["count"] for r in train)
+        if any(shapes_per_count[n] < 2 for n in COUNTS):
+            return False
+    return need <= have
+
+
+def split_prompts(rows: list[dict], seed: int = SPLIT_SEED):
+    """Hold out combinations, never atoms: TEST_PROMPTS[tag] prompts of each tag, drawn in a fixed random order and
+    skipped where holding one out would leave an atom (a shape, colour, relation, or a count for two shapes) absent
+    from that tag's training prompts. single_object prompts are atoms themselves: the model must see each shape
+    alone, so they are both trained on and evaluated (as GenEval's single_object classes are the detector's)."""
     train, test = [], []
     rng = np.random.default_rng(seed)
     for tag in TAGS:
         group = [r for r in rows if r["tag"] == tag]
-        order = rng.permutation(len(group))
-        n_test = test_count(len(group), test_fraction)
-        held = set(order[:n_test].tolist())
+        if tag == "single_object":
+            train += group
+            test += group
+            continue
+        held = []
+        for i in rng.permutation(len(group)).tolist():
+            if len(held) == TEST_PROMPTS[tag]:
+                break
+            rest = [r for j, r in enumerate(group) if j not in held and j != i]
+            if _keeps_atoms(rest, tag):
+                held.append(i)
         test += [r for i, r in enumerate(group) if i in held]
         train += [r for i, r in enumerate(group) if i not in held]
     return train, test
