@@ -2530,13 +2530,23 @@ def test_world_clip_tokenizer_round_trip(tmp_path, pad):
 
 
 # ----------------------------------------------------------------------------- rebuilding the model (pretrain.py)
-def test_world_rebuild_quick_writes_a_pipeline_the_loaders_read(tmp_path):
+def files_digest(root):
+    """{relative path: bytes} of every file under root."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_world_rebuild_quick_writes_a_pipeline_the_loaders_read(tmp_path, monkeypatch, capsys):
     """Every stage of data/shapes/pretrain.py for a few steps, then the real loaders on what it wrote: the world's
     conventions (its T5 length in e2po.json, its native size, the 4x VAE) come back, and the VAE round trip scores the
-    renders themselves perfectly (the detector was built on them) and the round trip within [0, 1]."""
+    renders themselves (almost) perfectly (the detector's per-object accuracy is >= 0.95, a rare low-contrast orange or
+    yellow object scores under GenEval's 0.9 counting threshold) and the round trip within [0, 1]. Without --out it
+    writes to its default output, never the shipped model; a second run into that pipeline needs --replace."""
     from data.shapes import pretrain
+    shipped = files_digest(world.HERE / "sd3_tiny")
     root = tmp_path / "sd3_tiny"
-    pretrain.main(["--quick", "--out", str(root), "--threads", str(torch.get_num_threads())])
+    monkeypatch.setattr(pretrain, "DEFAULT_OUT", root)
+    pretrain.main(["--quick", "--threads", str(torch.get_num_threads())])
+    assert files_digest(world.HERE / "sd3_tiny") == shipped
     assert model.pipeline_notes(root) == {"max_sequence_length": pretrain.T5_LENGTH}
     assert model.native_size(root) == world.SIZE
     dit, vae, text = pretrain.load_pipeline(root)
@@ -2544,9 +2554,46 @@ def test_world_rebuild_quick_writes_a_pipeline_the_loaders_read(tmp_path):
     context, pooled = text.encode(["a photo of a red circle"])
     assert torch.isfinite(context).all() and pooled.shape[-1] == pretrain.MMDIT.pooled_dim
     scores = pretrain.vae_round_trip(vae, num_images=1)
-    assert scores["render"]["overall"] == 1.0 and set(scores["render"]) == set(world.TAGS) | {"overall", "partial"}
+    assert scores["render"]["overall"] >= 0.95 and set(scores["render"]) == set(world.TAGS) | {"overall", "partial"}
     assert 0.0 <= scores["vae"]["overall"] <= 1.0
+    cosines = pretrain.tower_pairs(text)
+    assert set(cosines) == {"clip_l", "clip_g"}
+    assert set(cosines["clip_l"]) == {"shape", "colour", "count", "relation", "order"}
     assert (tmp_path / "sd3_tiny.tmp" / "mmdit.pt").is_file()           # the states stay for --resume
+
+    before = files_digest(root)
+    for argv, message in ((["--quick"], "--replace"), (["--quick", "--replace"], "--resume")):
+        with pytest.raises(SystemExit) as stop:
+            pretrain.main(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+        assert files_digest(root) == before
+    pretrain.main(["--quick", "--replace", "--resume"])                 # finished stages: only the swap
+    assert files_digest(root).keys() == before.keys()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sd3_tiny", "sd3_tiny.tmp"]   # nothing left beside it
+
+
+def test_world_rebuild_refuses_what_it_did_not_write(tmp_path, capsys):
+    """pretrain.py never deletes a user's files and names a damaged saved state, each before any work, in one line."""
+    from data.shapes import pretrain
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "a_file").write_text("keep me too")
+    (tmp_path / "run.tmp").mkdir()
+    (tmp_path / "run.tmp" / "vae.pt").write_bytes(b"PK\x03\x04 not a zip")
+    cases = [(["--out", str(tmp_path / "mine")], "not a pipeline of this script (notes.txt)"),
+             (["--out", str(tmp_path / "a_file")], "is a file"),
+             (["--out", str(tmp_path / "run"), "--resume"], "vae.pt is damaged"),
+             (["--out", str(tmp_path / "run")], "holds the saved states of an earlier run"),
+             (["--out", str(tmp_path / "new"), "--resume"], "no saved states"),
+             (["--threads", "0"], "--threads")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            pretrain.main(["--quick", *argv])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and "Traceback" not in err, (argv, err)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "a_file").read_text() == "keep me too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "mine", "run.tmp"]
 
 
 # ==============================================================================================================

@@ -1,10 +1,16 @@
 """Pretrain the shapes world's tiny SD3 from scratch, on CPU, and save it where the real loaders read it.
 
-    python data/shapes/pretrain.py                      # all stages; hours on 2 CPU cores (see STEPS); resumable
-    python data/shapes/pretrain.py --resume             # continue from the last saved state in data/shapes/sd3_tiny.tmp/
+    python data/shapes/pretrain.py                      # all stages into out/sd3_tiny; hours on 2 CPU cores (STEPS)
+    python data/shapes/pretrain.py --resume             # continue from the states saved in out/sd3_tiny.tmp/
+    python data/shapes/pretrain.py --out data/shapes/sd3_tiny --replace   # rebuild the shipped model in place
     python data/shapes/pretrain.py --quick --out /tmp/sd3_tiny   # a smoke run of every stage in about a minute
     python data/shapes/pretrain.py --evaluate           # score the shipped model per GenEval tag, with and without CFG,
-                                                        # and its VAE's round trip of rendered scenes
+                                                        # its VAE's round trip, its towers' one-attribute cosines
+
+Nothing is overwritten by accident: the default output is out/sd3_tiny, never the shipped model; an --out that holds
+anything but a pipeline of this script is refused, and replacing one takes --replace (the new pipeline is written
+beside it and swapped in whole). The work folder OUT.tmp/ holds the stages' saved states: a new run refuses to start
+over it (continue with --resume, or delete it yourself).
 
 The result is a small model of the real architecture (MMDiT with dual attention and qk-norm, the SD3 16-channel VAE,
 CLIP-L- and CLIP-G-shaped text towers with a CLIP BPE tokenizer) laid out as a diffusers pipeline root: transformer/,
@@ -16,16 +22,20 @@ that a stopped run resumes (`--resume`) where it stopped:
   1. VAE: reconstruction of rendered images (MSE + L1, object pixels weighted up), latents kept near zero mean / unit
      variance in model space so SD3's fixed scale and shift (1.5305, 0.0609) apply as they are. Three levels: 4×
      downsampling, 16×16×16 latents for a 64² image (SD3's VAE has four levels, 8×).
-  2. Text towers: CLIP-style contrastive training against a throwaway image tower, so the pooled embeddings (what
-     E²PO perturbs and compares by cosine) are semantic for this world.
-  3. MMDiT: rectified flow on VAE latents (logit-normal σ, as SD3), text towers frozen, EMA of the weights, and SD3's
+  2. Text towers: CLIP-style contrastive training against a throwaway image tower on tag-balanced batches, plus an
+     auxiliary loss that reads each prompt's attributes (its first and second shape, count, colours, relation) off
+     the pooled embedding with cosine classifiers, so the pooled vectors (what drives adaLN, and what E²PO perturbs
+     and compares by cosine) tell shapes, counts, relations and word order apart, not only colours.
+  3. MMDiT: rectified flow on VAE latents of a tag-balanced dataset (LATENTS_PER_TAG renders of each tag, so single
+     objects are a sixth of the data, not 0.6 %), logit-normal σ (SD3), text towers frozen, EMA of the weights, SD3's
      per-encoder caption dropout: CLIP-L and CLIP-G are each replaced by the empty prompt's encoding with probability
      CAPTION_DROPOUT, so the model also learns the unconditional velocity and classifier-free guidance works, as in the
      real model: a weaker CFG-free sampler and a stronger CFG one, the gap RL closes without CFG.
 
 Departures from SD3: tiny widths; the CLIP tokenizers stop at TOKEN_LENGTH tokens and the (absent) T5 part is
 T5_LENGTH zero tokens, not 77 and 256, so attention stays cheap on a CPU (e2po.json records T5_LENGTH for the loaders).
-Prompts are the train split only; the test split stays held out for evaluation.
+Prompts are the train split only; the test split's combinations stay held out for evaluation (its single objects are
+atoms, trained on: world.split_prompts).
 """
 import argparse
 import json
@@ -33,6 +43,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +58,7 @@ sys.path.insert(0, str(HERE.parent.parent))  # the repo root, so `python data/sh
 import model  # noqa: E402
 import reward  # noqa: E402
 import sample  # noqa: E402
+from configurator import user_errors  # noqa: E402
 from data.shapes import world  # noqa: E402
 
 # ----------------------------------------------------------------------------- sizes
@@ -65,14 +77,16 @@ MMDIT = model.MMDiTConfig(hidden_size=128, depth=4, num_heads=2, patch_size=2, c
 # ----------------------------------------------------------------------------- schedule
 STEPS = dict(vae=3000, text=600, mmdit=14000)
 QUICK_STEPS = dict(vae=4, text=4, mmdit=6)
-QUICK_DATA = dict(per_prompt=1, evaluate_every=0)
+QUICK_DATA = dict(per_tag=12, evaluate_every=0)
 BATCH = dict(vae=32, text=128, mmdit=64)
 LR = dict(vae=2e-3, text=1e-3, mmdit=1e-3)
 WARMUP = dict(vae=50, text=50, mmdit=200)
 VAE_CROP = 32                          # the VAE trains on random 32x32 crops of the 64x64 renders (it is convolutional)
 FG_WEIGHT = 9.0                        # reconstruction weight of object pixels relative to background
 LATENT_NOISE = 0.1                     # the decoder learns to tolerate imperfect latents
-IMAGES_PER_PROMPT = 48                 # the fixed flow-matching dataset: renders per train prompt
+LATENTS_PER_TAG = 6000                 # the fixed flow-matching dataset: renders per tag, spread over its prompts
+AUX_WEIGHT = 1.0                       # text towers: attribute loss next to the contrastive one
+AUX_SCALE = 16.0                       # the attribute heads' cosine-logit scale (a prompt must point at its classes)
 CAPTION_DROPOUT = 0.2                  # per text encoder (SD3: 0.464 for each of three); both dropped: 4 %
 EMA_DECAY = 0.999
 SAVE_EVERY = 1000                      # steps between saved states of a stage
@@ -100,20 +114,29 @@ def generators(stage, step):
     return np.random.default_rng(key), torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
 
 
+def load_state(path):
+    """torch.load of a work-folder file; a damaged one is an error that names it (and what to do)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); delete it to redo that part, or start the "
+                         "stage over without --resume") from None
+
+
 class Stage:
     """A stage's modules + optimizer, saved to work/<name>.pt every SAVE_EVERY steps (atomically) and at the end."""
 
     def __init__(self, name, work, modules, opt, steps):
         self.name, self.path, self.modules, self.opt, self.steps = name, work / f"{name}.pt", modules, opt, steps
-        self.step = 0
+        self.step, self.cpu = 0, 0.0          # steps done, and the CPU seconds they took (evaluations excluded)
 
     def resume(self):
         if self.path.is_file():
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            state = load_state(self.path)
             for k, m in self.modules.items():
                 m.load_state_dict(state[k])
             self.opt.load_state_dict(state["opt"])
-            self.step = state["step"]
+            self.step, self.cpu = state["step"], state.get("cpu", 0.0)
             log(f"{self.name}: resumed at step {self.step}/{self.steps}")
         return self
 
@@ -122,7 +145,7 @@ class Stage:
 
     def save(self):
         tmp = self.path.with_suffix(".tmp")
-        torch.save({"step": self.step, "opt": self.opt.state_dict(),
+        torch.save({"step": self.step, "cpu": self.cpu, "opt": self.opt.state_dict(),
                     **{k: m.state_dict() for k, m in self.modules.items()}}, tmp)
         os.replace(tmp, self.path)
 
@@ -184,8 +207,37 @@ def build_text_towers(vocab_size, bos, eos):
         pad_token_id=1, **spec)) for spec in (CLIP_L, CLIP_G)]
 
 
+SLOTS = dict(first=world.SHAPES, second=world.SHAPES + ("none",), count=(1,) + world.COUNTS,
+             first_color=tuple(world.COLORS) + ("none",), second_color=tuple(world.COLORS) + ("none",),
+             relation=world.RELATIONS + ("none",))
+
+
+def prompt_slots(meta):
+    """A prompt's attributes in the order its words name them: {slot: value} over SLOTS. ("a photo of a square left of
+    a circle": first square, second circle, relation "left of"; GenEval's metadata lists the circle first.)"""
+    items = meta["include"][::-1] if meta["tag"] == "position" else meta["include"]
+    first, second = items[0], (items[1] if len(items) > 1 else {})
+    return dict(first=first["class"], second=second.get("class", "none"), count=first.get("count", 1),
+                first_color=first.get("color", "none"), second_color=second.get("color", "none"),
+                relation=meta["include"][-1].get("position", ["none"])[0])
+
+
+def slot_targets(metas):
+    """(B, len(SLOTS)) class indices of each prompt's attributes."""
+    return torch.tensor([[SLOTS[k].index(v) for k, v in prompt_slots(m).items()] for m in metas])
+
+
+def tag_balanced(prompts, n, rng):
+    """n prompts: a tag uniformly, then a prompt of that tag uniformly (train.jsonl is 83 % color_attr)."""
+    by_tag = [[m for m in prompts if m["tag"] == t] for t in world.TAGS]
+    tags = rng.integers(len(by_tag), size=n)
+    return [by_tag[t][rng.integers(len(by_tag[t]))] for t in tags]
+
+
 def train_text(towers, tokenizers, prompts, steps, work, resume):
-    """CLIP-style InfoNCE between each tower's pooled embedding and a small CNN's image embedding."""
+    """CLIP-style InfoNCE between each tower's pooled embedding and a small CNN's image embedding (a batch's repeated
+    prompts are all positives), plus AUX_WEIGHT × the cross-entropy of cosine classifiers that read each prompt's
+    attributes (SLOTS) off the tower's normalised pooled embedding, on tag-balanced batches."""
     torch.manual_seed(SEED + 1)
     image_tower = nn.Sequential(
         nn.Conv2d(3, 32, 3, 2, 1), nn.GELU(), nn.Conv2d(32, 64, 3, 2, 1), nn.GELU(),
@@ -194,48 +246,92 @@ def train_text(towers, tokenizers, prompts, steps, work, resume):
         nn.Linear(256, CLIP_L["projection_dim"] + CLIP_G["projection_dim"]))
     scale = nn.Module()
     scale.logit = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    modules = {"clip_l": towers[0], "clip_g": towers[1], "image_tower": image_tower, "scale": scale}
+    heads = nn.ModuleList(nn.ParameterList(nn.Parameter(torch.randn(len(v), spec["projection_dim"]))
+                                           for v in SLOTS.values()) for spec in (CLIP_L, CLIP_G))
+    modules = {"clip_l": towers[0], "clip_g": towers[1], "image_tower": image_tower, "scale": scale, "heads": heads}
     params = [p for m in modules.values() for p in m.parameters()]
     st = Stage("text", work, modules, adamw(params, LR["text"]), steps)
     if resume:
         st.resume()
     while not st.done():
         rng, _ = generators("text", st.step)
-        metas = [prompts[i] for i in rng.choice(len(prompts), size=BATCH["text"], replace=False)]
+        metas = tag_balanced(prompts, BATCH["text"], rng)
         images = world.render_batch(metas, rng)
         img = image_tower(images * 2 - 1).split([CLIP_L["projection_dim"], CLIP_G["projection_dim"]], -1)
-        labels = torch.arange(len(metas))
-        loss = 0.0
-        for tower, tok, emb in zip(towers, tokenizers, img):
-            ids = tok([m["prompt"] for m in metas], padding="max_length", max_length=TOKEN_LENGTH,
-                      truncation=True, return_tensors="pt")["input_ids"]
-            txt = F.normalize(tower(input_ids=ids).text_embeds, dim=-1)
+        ids = [m["prompt"] for m in metas]
+        same = torch.tensor([[a == b for b in ids] for a in ids], dtype=torch.float32)
+        targets, slots = same / same.sum(1, keepdim=True), slot_targets(metas)
+        contrastive = aux = 0.0
+        for tower, tok, emb, head in zip(towers, tokenizers, img, heads):
+            tokens = tok(ids, padding="max_length", max_length=TOKEN_LENGTH, truncation=True, return_tensors="pt")
+            txt = F.normalize(tower(input_ids=tokens["input_ids"]).text_embeds, dim=-1)
             logits = scale.logit.exp().clamp(max=100) * txt @ F.normalize(emb, dim=-1).T
-            loss = loss + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            contrastive = contrastive + (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+            for k, w in enumerate(head):
+                aux = aux + F.cross_entropy(AUX_SCALE * txt @ F.normalize(w, dim=-1).T, slots[:, k]) / len(SLOTS)
+        loss = contrastive + AUX_WEIGHT * aux
         cosine_lr(st.opt, st.step, steps, LR["text"], WARMUP["text"])
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
         st.opt.step()
         st.step += 1
         if st.step % 100 == 0 or st.done():
-            log(f"text {st.step:5d}/{steps} contrastive loss {loss.item():.4f}")
+            log(f"text {st.step:5d}/{steps} contrastive loss {contrastive.item():.4f} attributes {aux.item():.4f}")
         if st.step % SAVE_EVERY == 0 or st.done():
             st.save()
     for tower in towers:
         tower.eval().requires_grad_(False)
 
 
+@torch.no_grad()
+def tower_pairs(text, rows=None):
+    """{tower: {attribute: (max, mean) pooled cosine}} over every pair of world prompts of one tag that differ in one
+    attribute: shape, colour, count, relation, or order (the same words, the two objects swapped)."""
+    rows = rows or world.make_prompts()
+    slots = [prompt_slots(m) for m in rows]
+    kinds = {"first": "shape", "second": "shape", "first_color": "colour", "second_color": "colour",
+             "count": "count", "relation": "relation"}
+    pairs = {}
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            if rows[i]["tag"] != rows[j]["tag"]:
+                continue
+            a, b = slots[i], slots[j]
+            diff = [k for k in a if a[k] != b[k]]
+            swapped = (a["first"], a["first_color"], a["second"], a["second_color"]) == \
+                (b["second"], b["second_color"], b["first"], b["first_color"]) and a["relation"] == b["relation"]
+            kind = kinds[diff[0]] if len(diff) == 1 else "order" if swapped else None
+            if kind:
+                pairs.setdefault(kind, []).append((i, j))
+    prompts = [m["prompt"] for m in rows]
+    out = {}
+    for name, tower, tok in (("clip_l", text.clip_l, text.tokenizer_l), ("clip_g", text.clip_g, text.tokenizer_g)):
+        ids = tok(prompts, padding="max_length", max_length=text.clip_length, truncation=True, return_tensors="pt")
+        z = F.normalize(tower(input_ids=ids["input_ids"]).text_embeds.float(), dim=-1)
+        out[name] = {}
+        for kind, ij in pairs.items():
+            i, j = torch.tensor(ij).T
+            cos = (z[i] * z[j]).sum(-1)
+            out[name][kind] = (cos.max().item(), cos.mean().item())
+    return out
+
+
 # ----------------------------------------------------------------------------- stage 3: MMDiT
 @torch.no_grad()
-def flow_dataset(vae, prompts, work, per_prompt):
-    """Latents of `per_prompt` renders per train prompt (cached in the work folder) and each latent's prompt."""
-    path = work / f"latents_{per_prompt}.pt"
+def flow_dataset(vae, prompts, work, per_tag):
+    """Latents of `per_tag` renders of each tag, spread evenly over the tag's train prompts (so a uniform draw is
+    tag-balanced), and each latent's prompt index; cached in the work folder."""
+    path = work / f"latents_{per_tag}.pt"
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        return load_state(path)
     rng = np.random.default_rng([SEED, 3])
-    latents = torch.cat([vae.encode(world.render_batch(prompts[j:j + 128], rng))
-                         for _ in range(per_prompt) for j in range(0, len(prompts), 128)])
-    index = torch.arange(len(prompts)).repeat(per_prompt)
+    index = []
+    for tag in world.TAGS:
+        members = [i for i, m in enumerate(prompts) if m["tag"] == tag]
+        index += [members[k % len(members)] for k in range(per_tag)]
+    index = torch.tensor(index)
+    latents = torch.cat([vae.encode(world.render_batch([prompts[i] for i in index[j:j + 256].tolist()], rng))
+                         for j in range(0, len(index), 256)])
     torch.save((latents, index), path)
     return latents, index
 
@@ -254,22 +350,30 @@ def caption_dropout(context, pooled, empty, keep_l, keep_g, text):
     return context, pooled
 
 
-def train_mmdit(vae, text, prompts, steps, work, resume, per_prompt=IMAGES_PER_PROMPT, evaluate_every=EVAL_EVERY):
+def train_mmdit(vae, text, prompts, steps, work, resume, per_tag=LATENTS_PER_TAG, evaluate_every=EVAL_EVERY,
+                config=MMDIT, bf16=False, cpu_budget=None, evaluate=None, data=None):
+    """The flow stage. `bf16` runs the forward under CPU bf16 autocast; `cpu_budget` (seconds of this process's CPU
+    time, evaluations excluded, counted across resumes) stops early; `evaluate(step, ema, cpu)` replaces the default
+    progress evaluation every `evaluate_every` steps (the state is saved after each). The latents are cached in `data`
+    (default: the work folder)."""
     t0 = time.time()
-    latents, index = flow_dataset(vae, prompts, work, per_prompt)
+    latents, index = flow_dataset(vae, prompts, data or work, per_tag)
     with torch.no_grad():
         context, pooled = text.encode([m["prompt"] for m in prompts])
         empty = text.encode([""])
     log(f"flow dataset: {len(latents)} latents {tuple(latents.shape[1:])}, std {latents.std().item():.3f} "
         f"({time.time() - t0:.0f} s)")
     torch.manual_seed(SEED + 2)
-    dit, ema = model.MMDiT(MMDIT), model.MMDiT(MMDIT)
+    dit, ema = model.MMDiT(config), model.MMDiT(config)
     ema.load_state_dict(dit.state_dict())
     ema.requires_grad_(False)
     st = Stage("mmdit", work, {"dit": dit, "ema": ema}, adamw(dit.parameters(), LR["mmdit"]), steps)
     if resume:
         st.resume()
-    while not st.done():
+    evaluate = evaluate or (lambda step, ema, cpu: log(f"mmdit {step:5d}: held-out GenEval strict, CFG-free, per tag: "
+                                                  f"{fmt(geneval_per_tag(ema, vae, text, num_images=4)[1.0])}"))
+    while not st.done() and (cpu_budget is None or st.cpu < cpu_budget):
+        tick = time.process_time()
         _, gen = generators("mmdit", st.step)
         pick = torch.randint(len(latents), (BATCH["mmdit"],), generator=gen)
         x0, c, y = latents[pick], context[index[pick]], pooled[index[pick]]
@@ -278,7 +382,9 @@ def train_mmdit(vae, text, prompts, steps, work, resume, per_prompt=IMAGES_PER_P
         sigma = torch.sigmoid(torch.randn(len(pick), generator=gen))   # logit-normal (SD3)
         noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
-        loss = F.mse_loss(dit((1 - s) * x0 + s * noise, sigma, c, y), noise - x0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            v = dit((1 - s) * x0 + s * noise, sigma, c, y)
+        loss = F.mse_loss(v.float(), noise - x0)
         cosine_lr(st.opt, st.step, steps, LR["mmdit"], WARMUP["mmdit"])
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -288,22 +394,25 @@ def train_mmdit(vae, text, prompts, steps, work, resume, per_prompt=IMAGES_PER_P
             for pe, p in zip(ema.parameters(), dit.parameters()):
                 pe.lerp_(p, 1 - min(EMA_DECAY, (1 + st.step) / (10 + st.step)))
         st.step += 1
+        st.cpu += time.process_time() - tick
         if st.step % 100 == 0 or st.done():
             log(f"mmdit {st.step:5d}/{steps} flow loss {loss.item():.4f}")
-        if st.step % SAVE_EVERY == 0 or st.done():
-            st.save()
         if evaluate_every and st.step % evaluate_every == 0:
-            scores = geneval_per_tag(ema, vae, text, num_images=4)
-            log(f"mmdit {st.step:5d}: held-out GenEval strict, CFG-free, per tag: {fmt(scores[1.0])}")
+            evaluate(st.step, ema.eval(), st.cpu)
+        if st.step % SAVE_EVERY == 0 or st.done() or (evaluate_every and st.step % evaluate_every == 0):
+            st.save()
+    if not st.done():
+        st.save()
     return ema.eval()
 
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def geneval_per_tag(dit, vae, text, num_images=16, guidance=(1.0,), steps=20, split="test", save=None):
+def geneval_per_tag(dit, vae, text, num_images=16, guidance=(1.0,), steps=20, split="test", save=None, metas=None):
     """{guidance scale: {tag: strict accuracy, "overall": mean over tags (GenEval's summary), "partial": ...}} on the
-    held-out prompts, `num_images` each, Euler `steps` steps (the world's evaluation sampler), fixed noise."""
-    metas = world.load_prompts(split)
+    held-out prompts (or `metas`), `num_images` each, Euler `steps` steps (the world's evaluation sampler), fixed
+    noise."""
+    metas = metas or world.load_prompts(split)
     items = [m for m in metas for _ in range(num_images)]
     side = world.SIZE // vae.factor
     noise = torch.randn((len(items), 16, side, side), generator=torch.Generator().manual_seed(SEED))
@@ -375,26 +484,85 @@ def report(root):
     dit, vae, text = load_pipeline(root)
     for name, s in vae_round_trip(vae).items():
         log(f"{root}: held-out scenes, GenEval strict, {name}: {fmt(s)}")
+    for tower, kinds in tower_pairs(text).items():
+        log(f"{root}: {tower} pooled cosine of prompts one attribute apart, max (mean): "
+            + " ".join(f"{k} {hi:.3f} ({mean:.3f})" for k, (hi, mean) in kinds.items()))
     for scale, s in geneval_per_tag(dit, vae, text, guidance=(1.0, 3.0), save=Path(root).parent / "pretrain").items():
         log(f"{root}: held-out GenEval strict, guidance {scale:g}: {fmt(s)}")
 
 
+PIPELINE_PARTS = {"transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler",
+                  "model_index.json", model.PIPELINE_NOTES}
+DEFAULT_OUT = HERE.parent.parent / "out" / "sd3_tiny"     # never the shipped model: that takes --out ... --replace
+
+
+def check_out(root, replace):
+    """An --out this script may write: absent, empty, or (with --replace) a pipeline of this script and nothing else.
+    Its parent must be writable. Raises with the reason before any work starts."""
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"--out {root} is a file, not a folder")
+    present = {p.name for p in root.iterdir()} if root.is_dir() else set()
+    if present and not (present <= PIPELINE_PARTS and "model_index.json" in present):
+        other = sorted(present - PIPELINE_PARTS) or ["no model_index.json"]
+        raise FileExistsError(f"--out {root} holds files that are not a pipeline of this script ({', '.join(other)}); "
+                              "choose an empty or new folder")
+    if present and not replace:
+        raise FileExistsError(f"--out {root} holds a pipeline; pass --replace to replace it (the new one is written "
+                              "beside it and swapped in when complete), or choose another --out")
+    parent = next(p for p in (root, *root.parents) if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"--out {root}: {parent} is not writable")
+
+
+def check_work(work, resume):
+    """The work folder holds a run's saved states: a new run never starts over them, --resume needs them."""
+    states = sorted(p.name for p in work.glob("*.pt")) if work.is_dir() else []
+    if states and not resume:
+        raise FileExistsError(f"{work} holds the saved states of an earlier run ({', '.join(states)}): continue it "
+                              f"with --resume, or delete {work} yourself to start over")
+    if resume and not states:
+        raise FileNotFoundError(f"--resume: {work} holds no saved states to continue from")
+    for name in states:           # a damaged state names itself now, not after an hour of the stages before it
+        load_state(work / name)
+
+
+def swap_in(new, root):
+    """Replace `root` by the complete pipeline `new`: the old one is moved aside, the new renamed, the old deleted."""
+    old = None
+    if root.exists():
+        old = Path(tempfile.mkdtemp(dir=root.parent, prefix=root.name + ".old-"))
+        os.replace(root, old / root.name)
+    os.replace(new, root)
+    if old:
+        shutil.rmtree(old)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=model.DEFAULT_WEIGHTS)
+    parser.add_argument("--out", default=None, help=f"the pipeline folder to write (default {DEFAULT_OUT}) or, with "
+                        "--evaluate, to score (default: the shipped model)")
+    parser.add_argument("--replace", action="store_true", help="replace the pipeline that --out holds")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
     parser.add_argument("--resume", action="store_true", help="continue from the states saved in OUT.tmp/")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--evaluate", action="store_true", help="only score OUT per tag (16 images a prompt)")
     args = parser.parse_args(argv)
+    with user_errors("pretrain.py"):
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        if args.evaluate:
+            root = Path(args.out or model.DEFAULT_WEIGHTS)
+            if not (root / "model_index.json").is_file():
+                raise FileNotFoundError(f"--evaluate: {root} is not a pipeline folder (no model_index.json)")
+        else:
+            root = Path(args.out).resolve() if args.out else DEFAULT_OUT
+            work = root.with_name(root.name + ".tmp")
+            check_out(root, args.replace)
+            check_work(work, args.resume)
     torch.set_num_threads(args.threads)
-    root = Path(args.out)
     if args.evaluate:
         return report(root)
     steps = QUICK_STEPS if args.quick else STEPS
-    work = root.with_name(root.name + ".tmp")
-    if not args.resume:
-        shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     prompts = world.load_prompts("train")
     t0 = time.time()
@@ -405,13 +573,11 @@ def main(argv=None):
     train_text(towers, tokenizers, prompts, steps["text"], work, args.resume)
     text = model.TextEncoders(*towers, *tokenizers, max_sequence_length=T5_LENGTH, joint_dim=JOINT_DIM)
     dit = train_mmdit(vae, text, prompts, steps["mmdit"], work, args.resume, **(QUICK_DATA if args.quick else {}))
-    tmp = root.with_name(root.name + ".new")
-    shutil.rmtree(tmp, ignore_errors=True)
+    new = Path(tempfile.mkdtemp(dir=root.parent, prefix=root.name + ".new-"))
     for name in ("tokenizer", "tokenizer_2"):
-        shutil.copytree(work / name, tmp / name)
-    save_pipeline(tmp, dit, vae, towers)
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)                 # the old pipeline stays until the new one is complete
+        shutil.copytree(work / name, new / name)
+    save_pipeline(new, dit, vae, towers)
+    swap_in(new, root)                    # the old pipeline stays until the new one is complete
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) / 2 ** 20
     log(f"wrote {root} ({size:.1f} MB) in {(time.time() - t0) / 60:.1f} min; the states stay in {work} (--resume)")
     if not args.quick:

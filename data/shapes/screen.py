@@ -1,0 +1,205 @@
+"""The world model's capacity screen: which MMDiT can learn the shapes world, at equal CPU time, before the long run.
+
+    python data/shapes/screen.py                         # every variant, CPU_MINUTES of one core each; resumable
+    python data/shapes/screen.py --variants p1 wide      # some of them (two processes at once suit 2 cores)
+    python data/shapes/screen.py --report                # the table and curves.png from out/screen/
+
+All variants share the shipped model's VAE and pretrain.py's text towers (stage 2, trained once into
+out/screen/shared.tmp/). Each
+variant then trains pretrain.train_mmdit from scratch for CPU_MINUTES of one thread's CPU time (time.process_time,
+evaluations excluded: other jobs on the machine slow a variant down but do not change its budget), with the cosine
+schedule spread over the steps that budget buys (timed on its first steps). Every EVAL_MINUTES of CPU its EMA is scored
+on train prompts (GenEval strict per tag, CFG-free, the world's Euler sampler): a curve of what the variant learns per
+CPU-minute. The question it answers: which variant can reach single_object >= 0.6, and at what cost.
+"""
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+from data.shapes import pretrain as P  # noqa: E402
+from data.shapes import world  # noqa: E402
+import model  # noqa: E402
+import sample  # noqa: E402
+
+CPU_MINUTES = 30
+EVAL_MINUTES = 5
+OUT = HERE.parent.parent / "out" / "screen"
+EVAL_PROMPTS = 6                       # train prompts per tag scored (single_object has 5) ...
+EVAL_IMAGES = dict(single_object=8)    # ... images a prompt (4 elsewhere)
+SMALL_OBJECTS = {1: (0.30, 0.50), 2: (0.22, 0.36), 3: (0.18, 0.27), 4: (0.18, 0.27)}   # the world before the screen
+
+VARIANTS = {   # name: (MMDiT config, bf16 autocast, object sizes)
+    "base": (P.MMDIT, False, None),                                                   # D128 depth 4, patch 2: 64 tokens
+    "p1": (replace(P.MMDIT, patch_size=1), False, None),                              # 256 tokens, 4 px each
+    "wide": (replace(P.MMDIT, hidden_size=192, depth=6, num_heads=3), False, None),   # 2.4x the width x depth
+    "bf16": (P.MMDIT, True, None),                                                    # base under CPU bf16 autocast
+    "small": (P.MMDIT, False, SMALL_OBJECTS),                                         # base on the old object sizes
+}
+
+
+def shared_stages():
+    """The VAE and text towers every variant uses: the shipped model's VAE (its round trip of the world's held-out
+    scenes is in RESULTS.md) and pretrain.py's stage 2, trained once (resumable)."""
+    work = OUT / "shared.tmp"
+    work.mkdir(parents=True, exist_ok=True)
+    prompts = world.load_prompts("train")
+    vae = model.load_vae(model.DEFAULT_WEIGHTS).float().eval().requires_grad_(False)
+    tokenizers = P.write_tokenizers(work)
+    vocab = json.loads((work / "tokenizer" / "vocab.json").read_text())
+    towers = P.build_text_towers(len(vocab), vocab[world.BOS], vocab[world.EOS])
+    P.train_text(towers, tokenizers, prompts, P.STEPS["text"], work, resume=True)
+    return vae, model.TextEncoders(*towers, *tokenizers, max_sequence_length=P.T5_LENGTH, joint_dim=P.JOINT_DIM)
+
+
+def eval_prompts():
+    prompts = world.load_prompts("train")
+    return [m for t in world.TAGS for m in [m for m in prompts if m["tag"] == t][:EVAL_PROMPTS]
+            for _ in range(EVAL_IMAGES.get(t, 4))]
+
+
+def steps_for_budget(config, bf16, latents, text, context, pooled):
+    """How many steps CPU_MINUTES buys: the CPU time of 10 timed training steps (after 2 warm-up steps)."""
+    dit = model.MMDiT(config)
+    opt = P.adamw(dit.parameters(), P.LR["mmdit"])
+    n = P.BATCH["mmdit"]
+    times = []
+    for _ in range(12):
+        t = time.process_time()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            v = dit(latents[:n], torch.rand(n), context[:n], pooled[:n])
+        loss = torch.nn.functional.mse_loss(v.float(), latents[:n])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.process_time() - t)
+    per_step = float(np.mean(times[2:]))
+    return int(CPU_MINUTES * 60 / per_step), per_step
+
+
+def run_variant(name, vae, text):
+    config, bf16, sides = VARIANTS[name]
+    work = OUT / name
+    work.mkdir(parents=True, exist_ok=True)
+    default_sides = world.OBJECT_SIDE
+    world.OBJECT_SIDE = sides or default_sides
+    try:
+        train_variant(name, work, config, bf16, vae, text)
+    finally:
+        world.OBJECT_SIDE = default_sides
+
+
+def train_variant(name, work, config, bf16, vae, text):
+    prompts = world.load_prompts("train")
+    plan_file, curve_file = work / "plan.json", work / "curve.jsonl"
+    data = work if name == "small" else OUT / "shared.tmp"        # the latents of renders at the world's sizes
+    latents, index = P.flow_dataset(vae, prompts, data, P.LATENTS_PER_TAG)
+    if not plan_file.exists():
+        context, pooled = text.encode([prompts[i]["prompt"] for i in index[:P.BATCH["mmdit"]].tolist()])
+        steps, per_step = steps_for_budget(config, bf16, latents, text, context, pooled)
+        plan_file.write_text(json.dumps({"steps": steps, "cpu_per_step": per_step, "config": asdict(config),
+                                         "bf16": bf16, "object_side": world.OBJECT_SIDE}, indent=1))
+    plan = json.loads(plan_file.read_text())
+    every = max(1, round(EVAL_MINUTES * 60 / plan["cpu_per_step"]))
+    metas = eval_prompts()
+
+    def evaluate(step, ema, cpu):
+        t = time.time()
+        scores = P.geneval_per_tag(ema, vae, text, num_images=1, metas=metas)[1.0]
+        row = {"step": step, "cpu_minutes": cpu / 60, **scores}
+        with open(curve_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        P.log(f"screen {name} step {step} ({cpu / 60:.1f} CPU-min): train-prompt strict {P.fmt(scores)} "
+              f"({time.time() - t:.0f} s)")
+
+    P.log(f"screen {name}: {plan['steps']} steps of {plan['cpu_per_step']:.2f} CPU-s, evaluated every {every}")
+    ema = P.train_mmdit(vae, text, prompts, plan["steps"], work, resume=True, evaluate_every=every, config=config,
+                        bf16=bf16, cpu_budget=CPU_MINUTES * 60, evaluate=evaluate, data=data)
+    state = P.load_state(work / "mmdit.pt")
+    rows = read_curve(curve_file)
+    if not rows or rows[-1]["step"] != state["step"]:
+        evaluate(state["step"], ema, state["cpu"])
+    sample.save_grid(decode_grid(ema, vae, text, metas), work / "samples.png", ncols=8)
+
+
+@torch.no_grad()
+def decode_grid(ema, vae, text, metas):
+    firsts = [m for i, m in enumerate(metas) if i == 0 or m["prompt"] != metas[i - 1]["prompt"]][:32]
+    noise = torch.randn((len(firsts), 16, world.SIZE // vae.factor, world.SIZE // vae.factor),
+                        generator=torch.Generator().manual_seed(1))
+    context, pooled = text.encode([m["prompt"] for m in firsts])
+    return vae.decode(sample.sample(ema, noise, context, pooled, num_steps=20, solver="euler"))
+
+
+def read_curve(path):
+    return [json.loads(line) for line in open(path)] if Path(path).exists() else []
+
+
+def report():
+    """The screen's table (last evaluation of each variant, and its best single_object) and curves.png."""
+    lines = ["| variant | params | CPU-s a step | steps | CPU-min | single_object | overall | best single | "
+             "per tag (last) |", "|---|---|---|---|---|---|---|---|---|"]
+    curves = {}
+    for name in VARIANTS:
+        plan_file = OUT / name / "plan.json"
+        rows = read_curve(OUT / name / "curve.jsonl")
+        if not rows or not plan_file.exists():
+            continue
+        plan, last = json.loads(plan_file.read_text()), rows[-1]
+        params = sum(p.numel() for p in model.MMDiT(model.MMDiTConfig(**plan["config"])).parameters())
+        tags = " ".join(f"{t[:6]} {last[t]:.2f}" for t in world.TAGS)
+        lines.append(f"| {name} | {params / 1e6:.2f} M | {plan['cpu_per_step']:.2f} | {last['step']} | "
+                     f"{last['cpu_minutes']:.0f} | {last['single_object']:.3f} | {last['overall']:.3f} | "
+                     f"{max(r['single_object'] for r in rows):.3f} | {tags} |")
+        curves[name] = rows
+    print("\n".join(lines))
+    (OUT / "screen.md").write_text("\n".join(lines) + "\n")
+    plot(curves, OUT / "curves.png")
+    print(f"wrote {OUT / 'screen.md'} and {OUT / 'curves.png'}")
+
+
+def plot(curves, path, size=(720, 300)):
+    """single_object (left) and overall (right) train-prompt strict against CPU-minutes, one line a variant."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    w, h, pad = size[0] // 2, size[1], 30
+    for panel, key in enumerate(("single_object", "overall")):
+        x0 = panel * w
+        draw.rectangle([x0 + pad, pad, x0 + w - 10, h - pad], outline="black")
+        draw.text((x0 + pad, 8), f"train-prompt strict: {key} vs CPU-min (0..{CPU_MINUTES}), y 0..1", fill="black")
+        for k, (name, rows) in enumerate(curves.items()):
+            xy = [(x0 + pad + (w - 10 - pad) * r["cpu_minutes"] / CPU_MINUTES, h - pad - (h - 2 * pad) * r[key])
+                  for r in rows]
+            if len(xy) > 1:
+                draw.line(xy, fill=colors[k % len(colors)], width=2)
+            if panel == 0:
+                draw.text((x0 + pad + 5, pad + 5 + 12 * k), name, fill=colors[k % len(colors)])
+    img.save(path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--report", action="store_true", help="only print the table and draw the curves")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.report:
+        return report()
+    torch.set_num_threads(args.threads)
+    vae, text = shared_stages()
+    for name in args.variants:
+        run_variant(name, vae, text)
+    report()
+
+
+if __name__ == "__main__":
+    main()
