@@ -3778,3 +3778,93 @@ def test_compare_gives_every_method_the_same_budget_and_reports_seed_statistics(
     assert "- e2po − nft: strict +0.000 ± 0.071 (not separable from seed noise)" in sections
     compare.plot({"e2po": runs, "nft": nft}, tmp_path / "c.png")
     assert Image.open(tmp_path / "c.png").size[0] == 4 * 420
+
+
+def _compare_fake_trainer(calls):
+    """Stands in for compare.launch: records each train.py command and writes what a finished run leaves (config.json
+    as train.py resolves it, a log up to max_steps with evaluations at step 0 and at the end, ckpt.pt)."""
+    def launch(cmd, env, log):
+        cfg = configurator.configure(train.config_defaults(), cmd[2:])
+        calls.append(cfg)
+        d = cfg["out_dir"]
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        rows = [{"step": 0, "eval_reward": 0.1, "eval_shapes_strict": 0.0}]
+        rows += [{"step": s, "reward_mean": 0.1, "reward_std": 0.2, "zero_std_ratio": 0.0}
+                 for s in range(1, cfg["max_steps"] + 1)]
+        rows[-1].update(eval_reward=0.2, eval_shapes_strict=0.1)
+        with open(os.path.join(d, "log.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        open(os.path.join(d, "ckpt.pt"), "wb").close()
+        log.write("trained\n")
+        return 0
+    return launch
+
+
+def test_compare_refuses_bad_arguments_before_anything_runs(tmp_path, monkeypatch):
+    """Duplicate seeds or methods (two runs into one folder), --jobs 0, --set pairs that are not KEY=VALUE, unknown,
+    mistyped or compare.py's own: each raises from main() naming the mistake, and nothing is launched or created."""
+    from data.shapes import compare
+    calls = []
+    monkeypatch.setattr(compare, "launch", _compare_fake_trainer(calls))
+    out = tmp_path / "sweep"
+    for argv, error, match in ((["--seeds", "0", "0"], ValueError, "--seeds lists 0 more than once"),
+                               (["--methods", "nft", "e2po", "nft"], ValueError, "--methods lists nft more than once"),
+                               (["--jobs", "0"], ValueError, "--jobs must be >= 1"),
+                               (["--set", "foo"], ValueError, "'foo' must look like KEY=VALUE"),
+                               (["--set", "foo=1"], ValueError, "unknown config key 'foo'"),
+                               (["--set", "learning_rate=fast"], TypeError, "learning_rate"),
+                               (["--set", "seed=3"], ValueError, "compare.py sets seed itself"),
+                               (["--set", "num_seeds=3"], ValueError, "compare.py sets num_seeds itself")):
+        with pytest.raises(error, match=match):
+            compare.main(argv + ["--smoke", "--out", str(out)])
+    assert calls == [] and not out.exists()
+
+
+def test_compare_rerun_skips_finished_runs_resumes_unfinished_ones_and_refuses_the_rest(tmp_path, monkeypatch):
+    """Re-running a sweep into its --out: a finished run is skipped and reported from its files, which stay byte for
+    byte (train.log, wall_seconds: its minutes in the table); an unfinished run with a checkpoint is resumed with
+    --resume=True, its train.log appended to; one without a checkpoint, or a run started with other settings, refuses
+    the whole re-run before anything is launched."""
+    from data.shapes import compare
+    calls = []
+    monkeypatch.setattr(compare, "launch", _compare_fake_trainer(calls))
+    out = tmp_path / "sweep"
+    argv = ["--methods", "nft", "e2po", "--seeds", "0", "1", "--jobs", "2", "--out", str(out), "--max_steps"]
+    results = compare.main(argv + ["2"])
+    assert len(calls) == 4 and not any(c["resume"] for c in calls)
+    assert {m: [s for s, _, _ in runs] for m, runs in results.items()} == {"nft": [0, 1], "e2po": [0, 1]}
+    for seed in (0, 1):
+        (out / f"nft-s{seed}" / "wall_seconds").write_text("600\n")
+    finished = {p: p.read_bytes() for p in (out / "nft-s0").iterdir()}
+    log = out / "e2po-s1" / "log.jsonl"
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:2]))    # stopped after step 1 (ckpt.pt kept)
+
+    calls.clear()
+    results = compare.main(argv + ["2"])
+    assert [(c["out_dir"], c["resume"]) for c in calls] == [(str(out / "e2po-s1"), True)]
+    assert {p: p.read_bytes() for p in (out / "nft-s0").iterdir()} == finished
+    assert {m: [s for s, _, _ in runs] for m, runs in results.items()} == {"nft": [0, 1], "e2po": [0, 1]}
+    assert "| nft | 1 × 8 | 10.0 |" in (out / "compare.md").read_text()
+    text = (out / "e2po-s1" / "train.log").read_text()
+    assert text.count("trained") == 2 and "--resume=True" in text.splitlines()[-2]
+
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"nft-s0 holds a run started with other settings \(max_steps: 2 there, 3 now"):
+        compare.main(argv + ["3"])
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:2]))
+    (out / "e2po-s1" / "ckpt.pt").unlink()
+    del before[out / "e2po-s1" / "ckpt.pt"], before[log]
+    with pytest.raises(ValueError, match="e2po-s1 holds an unfinished run .* no ckpt.pt"):
+        compare.main(argv + ["2"])
+    assert calls[1:] == [] and {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p != log} == before
+
+
+def test_compare_command_line_prints_a_user_error_in_one_line():
+    """`python data/shapes/compare.py --seeds 0 0`: `compare.py: error: ...` on stderr, status 2, no traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "E2PO_TRACEBACK"}
+    p = subprocess.run([sys.executable, "data/shapes/compare.py", "--seeds", "0", "0"], capture_output=True, text=True,
+                       env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr == "compare.py: error: --seeds lists 0 more than once: every method and seed runs once, into " \
+                       "OUT/<method>-s<seed>/\n"
