@@ -3699,6 +3699,94 @@ def test_evaluate_layout_detector_comes_from_the_registered_module(monkeypatch):
     assert cfg.detector is None and any("IDEA-Research/grounding-dino-tiny" in n for n in cfg.notes)
 
 
+# ------------------------------------------------------------------------------------- evaluate.py's checks
+@pytest.fixture
+def evaluate_loads_nothing(monkeypatch):
+    """evaluate.main with load_models replaced by a failure: a check that passes would reach it."""
+    def load_models(cfg):
+        raise AssertionError("a model would load")
+    monkeypatch.setattr(EV, "load_models", load_models)
+
+
+def test_evaluate_out_must_be_new_or_empty_and_overwrite_replaces_only_an_earlier_evaluation(tmp_path,
+                                                                                               evaluate_loads_nothing):
+    """A file as --out (or under one) fails before any model loads; a non-empty --out is refused (the images of an
+    earlier evaluation would stay beside the new results); --overwrite removes an earlier evaluation's files, and
+    refuses a folder holding anything evaluate.py does not write, deleting nothing."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["--num_prompts", "1", "--num_images", "2", "--out"]
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        EV.main(base + [str(afile)])
+    with pytest.raises(NotADirectoryError, match="afile' is a file"):
+        EV.main(base + [str(afile / "sub")])
+    out = tmp_path / "o"
+    earlier = ["results.md", "results.json", "grid_base.png", "grid_e2po.png", "images/base/0/0.png",
+               "images/e2po/3/1.png"]
+    for f in earlier:
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        (out / f).write_text("earlier")
+    files = lambda: sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    with pytest.raises(FileExistsError, match=r"is not empty \(grid_base.png, grid_e2po.png, images/, results.json"):
+        EV.main(base + [str(out)])
+    assert files() == sorted(earlier)
+    (out / "images" / "e2po" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"files evaluate.py does not write \(images/e2po/notes.txt\)"):
+        EV.main(base + [str(out), "--overwrite"])
+    assert files() == sorted(earlier + ["images/e2po/notes.txt"])
+    (out / "images" / "e2po" / "notes.txt").unlink()
+    with pytest.raises(AssertionError, match="a model would load"):
+        EV.main(base + [str(out), "--overwrite"])
+    assert [p.name for p in out.iterdir()] == ["results.md"]          # written before loading: --out can be written
+    assert EV.check_out(str(tmp_path / "new" / "deeper")) == [] and not (tmp_path / "new").exists()
+
+
+def test_evaluate_refuses_lora_rows_that_share_a_folder(tmp_path, evaluate_loads_nothing):
+    """`--lora a/b=X a_b=Y`: both rows would write images/a_b/ and grid_a_b.png; a name that differs from another
+    only in case shares its folder on a case-insensitive file system; both fail before any model loads."""
+    lora = tmp_path / "x.safetensors"
+    lora.write_text("")
+    with pytest.raises(ValueError, match=r"rows 'a/b' and 'a_b' would both write images/a_b/ and grid_a_b.png"):
+        EV.main(["--lora", f"a/b={lora}", f"a_b={lora}", "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match=r"rows 'base' and 'Base\?' would both write images/Base/"):
+        EV.parse_loras([f"Base?={lora}"])
+    assert [n for n, _ in EV.parse_loras([f"a/b={lora}", f"a-b={lora}"])] == ["a/b", "a-b"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_checks_every_reward_path_before_loading(tmp_path, evaluate_loads_nothing):
+    """reward_paths: an unknown key lists the known ones; a value that is not a str, does not exist or is not what
+    its metric loads (a file or a folder without config.json for clip_l) is an error naming the key; all before any
+    model loads (a missing clip_l folder used to reach transformers, which took it for a Hub repo id)."""
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = (({"clipl": "/tmp"}, ValueError, r"unknown key 'clipl'; the known keys are .*clip_l"),
+             ({"clip_l": "/nonexistent/clip"}, FileNotFoundError,
+              r"reward_paths\['clip_l'\] = '/nonexistent/clip' does not exist"),
+             ({"clip_l": 5}, TypeError, r"reward_paths\['clip_l'\] must be a str path, got int 5"),
+             ({"clip_l": str(afile)}, NotADirectoryError, r"reward_paths\['clip_l'\] = .*afile' is a file"),
+             ({"clip_l": str(folder)}, FileNotFoundError, r"reward_paths\['clip_l'\]: .* has no config.json"))
+    for paths, error, match in cases:
+        with pytest.raises(error, match=match):
+            EV.main(["--num_prompts", "1", "--reward_paths", json.dumps(paths), "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match=r"reward_paths\['clip_l'\]: .* has no config.json"):   # CLIP sim alone
+        EV.main(["--num_prompts", "1", "--rewards", "--reward_paths", json.dumps({"clip_l": str(folder)}),
+                 "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_command_line_prints_a_user_error_in_one_line():
+    """`python evaluate.py --reward_paths '{"clip_l": 5}'`: `evaluate.py: error: ...` on stderr, status 2, no
+    traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "E2PO_TRACEBACK"}
+    p = subprocess.run([sys.executable, "evaluate.py", "--reward_paths", '{"clip_l": 5}'], capture_output=True,
+                       text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == "evaluate.py: error: reward_paths['clip_l'] must be a str path, got int 5\n"
+
+
 # ==============================================================================================================
 # bench.py: FLOP counter and one repeat of every row with its agreement checks
 # ==============================================================================================================
