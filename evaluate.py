@@ -19,7 +19,18 @@ world model's GenEval here equals train.py's step-0 evaluation on the same promp
 models are available is scored; one whose weights are missing leaves its column out with a one-line note naming them.
 
 Outputs in --out: results.md (the table, the per-tag GenEval, the notes), results.json (every number, per prompt
-too), images/<row>/<prompt index>/<image index>.png and grid_<row>.png (rows = prompts, columns = images).
+too), images/<row>/<prompt index>/<image index>.png and grid_<row>.png (rows = prompts, columns = images). --out must
+be new or empty, so that everything in it is one evaluation's; --overwrite replaces an earlier evaluation there: it
+removes the files evaluate.py writes (the four kinds above) and refuses a folder that holds anything else, so nothing
+evaluate.py did not write is ever deleted. Two rows whose names give the same folder (`a/b` and `a_b`, or names that
+differ only in case) are refused.
+
+Every setting is checked before a model loads: the files, the prompts, --out (a folder that can be written: a file
+there fails now, not after the first batch), and --reward_paths: every key known to reward.py, every value an
+existing path (reward.check_reward_paths), and a path given for a metric that runs must be of the kind it loads (a
+folder with config.json, ...; the error names the key). A metric whose path is not given is left out with a note. On
+the command line a mistake prints one line, `evaluate.py: error: ...`, and exits with status 2 (no traceback; a
+crash after the checks keeps its traceback); from Python, main(), prepare() and check_settings() raise it.
 
 Metrics
 - GenEval: the --geneval_reward (the world: "shapes", its detector; real weights: "geneval", Mask2Former + CLIP
@@ -59,6 +70,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import configurator
 import model as M
 import reward as R
 import sample
@@ -71,6 +83,7 @@ WORLD_STEPS = train.eval_sample_steps   # Euler steps on the world (train.py's e
 REAL_STEPS = sample.EVAL_STEPS          # Euler steps on real weights (paper Table 3: 40)
 BATCH_SIZE = train.rollout_micro_batch  # samples per forward; train.evaluate's chunking, so the draws match bit for bit
 UNSEEN_REWARDS = ("pickscore", "aesthetic", "image_reward", "hpsv2", "clipscore", "ocr_got")
+WEIGHT_SOURCES_DIRS = set(R.WEIGHT_SOURCES) - {"hpsv2", "aesthetic", "image_reward"}   # keys that must be folders
 SDI_SCORE_THRESHOLD = 0.3   # detections kept for layouts (GenEval's detection threshold)
 GRID_PROMPTS = 16           # prompts shown in each grid
 COLUMNS = {                 # result key -> (table header, higher is better); the paper's order, extras after
@@ -193,7 +206,9 @@ def parse_args(argv):
     ap.add_argument("--prompts", default="", help="GenEval-format .jsonl or .txt (default: the world's held-out prompts)")
     ap.add_argument("--num_prompts", type=int, default=0, help="the first N prompts (0 = all)")
     ap.add_argument("--num_images", type=int, default=NUM_IMAGES, help="images per prompt")
-    ap.add_argument("--out", default="out-eval")
+    ap.add_argument("--out", default="out-eval", help="an empty or new folder (see --overwrite)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier evaluation in --out (a folder holding only evaluate.py's outputs)")
     ap.add_argument("--steps", type=int, default=0, help=f"Euler steps (0 = {WORLD_STEPS} on the world, {REAL_STEPS} else)")
     ap.add_argument("--solver", default="euler", choices=sample.SOLVERS)
     ap.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale (1 = CFG-free, as the paper evaluates)")
@@ -242,6 +257,13 @@ def parse_loras(specs):
     names = [n for n, _ in rows]
     if "base" in names or len(set(names)) != len(names):
         raise ValueError(f"LoRA row names must be distinct and not 'base': {names}")
+    folders = {}
+    for name in ["base", *names]:   # case-insensitively: two rows must not share a folder on macOS / Windows either
+        other = folders.setdefault(slug(name).lower(), name)
+        if other != name:
+            raise ValueError(f"--lora rows {other!r} and {name!r} would both write images/{slug(name)}/ and "
+                             f"grid_{slug(name)}.png: give them names that differ in letters, digits, '.', '_' or '-' "
+                             "(NAME=PATH)")
     return rows
 
 
@@ -271,9 +293,26 @@ def check_settings(args):
     paths = parse_reward_paths(args.reward_paths)
     if args.reward_module:
         importlib.import_module(args.reward_module)
+    R.check_reward_paths(paths)     # after the module: its rewards' keys are known keys too
     notes = list(NOT_IMPLEMENTED)
 
+    def given(name, keys):
+        """A path the user gave for a metric that runs must be of the right kind (an error naming the key); a path
+        not given only leaves the metric out (a note, below)."""
+        for key in keys:
+            if key not in paths:
+                continue
+            if key in WEIGHT_SOURCES_DIRS and not os.path.isdir(paths[key]):
+                files, repo = R.WEIGHT_SOURCES[key]
+                raise NotADirectoryError(f"reward_paths[{key!r}] = {paths[key]!r} is a file; {name} needs {files} "
+                                         f"(Hugging Face repo {repo})")
+            try:
+                R._need_path(paths, key, name)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"reward_paths[{key!r}]: {e}") from None
+
     def available(name):
+        given(name, R.REQUIRED_PATHS.get(name, ()))
         try:
             R.check_paths(name, paths)
             return True
@@ -306,12 +345,16 @@ def check_settings(args):
         notes.append("diversity (SDI, PVS, CLIP sim) skipped: it needs --num_images >= 2")
         detector, clip_l = None, False
     else:
+        if detector in R.DETECTOR_PATHS:
+            given(detector, R.DETECTOR_PATHS[detector])
         try:
             R.check_detector(detector, paths)
         except (FileNotFoundError, ValueError) as e:
             notes.append(f"SDI skipped: {e}")
             detector = None
-        if not clip_l:
+        if clip_l:
+            given("clip_sim", ["clip_l"])
+        else:
             notes.append("CLIP sim skipped: it needs reward_paths['clip_l'] (a CLIPModel dir, openai/clip-vit-large-patch14)")
     size = args.resolution or M.native_size(weights) or 512
     return argparse.Namespace(
@@ -321,6 +364,60 @@ def check_settings(args):
         guidance_scale=args.guidance_scale, num_images=args.num_images, batch_size=args.batch_size, out=args.out,
         max_sequence_length=args.max_sequence_length or None, t5=not args.no_t5, dtype=args.dtype,
         device=torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+
+
+OUTPUTS = re.compile(r"results\.md|results\.json|grid_[A-Za-z0-9._-]+\.png|images/[A-Za-z0-9._-]+/\d+/\d+\.png")
+
+
+def check_out(out, overwrite=False):
+    """--out must be a folder evaluate.py can write, new or empty, so that everything in it is one evaluation's.
+    With overwrite it may hold an earlier evaluation: only files evaluate.py writes (results.md, results.json,
+    grid_<row>.png, images/<row>/<prompt>/<image>.png), and those are returned, to be removed before this one starts;
+    a folder holding anything else is refused, so nothing evaluate.py did not write is ever deleted. Writes nothing."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--out {out!r} is a file, not a folder")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"--out {out!r}: {parent!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out!r}: {parent!r} is not writable")
+    if parent != os.path.abspath(out):
+        return []
+    found = sorted(os.path.relpath(os.path.join(d, f), out) for d, dirs, files in os.walk(out) for f in dirs + files)
+    files = [f for f in found if os.path.islink(os.path.join(out, f)) or not os.path.isdir(os.path.join(out, f))]
+    if not found:
+        return []
+    top = sorted(f + ("/" if os.path.isdir(os.path.join(out, f)) else "") for f in os.listdir(out))
+    shown = ", ".join(top[:6]) + (f" and {len(top) - 6} more" if len(top) > 6 else "")
+    if not overwrite:
+        raise FileExistsError(f"--out {out!r} is not empty ({shown}): evaluate.py writes into a new or empty folder so "
+                              "that it holds one evaluation; choose another --out, or pass --overwrite to replace an "
+                              "earlier evaluation there")
+    others = [f for f in files if not OUTPUTS.fullmatch(f.replace(os.sep, "/"))]
+    if others:
+        raise FileExistsError(f"--out {out!r} holds files evaluate.py does not write ({', '.join(others[:5])}"
+                              f"{' …' if len(others) > 5 else ''}); --overwrite only replaces an earlier evaluation, "
+                              "so choose another --out")
+    return files
+
+
+def prepare(argv=None):
+    """Everything before a model loads: the settings (check_settings), then --out (check_out); an earlier evaluation
+    there is removed (--overwrite) and the folder is created and probed for writing. Returns the settings."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = check_settings(args)
+    stale = check_out(args.out, args.overwrite)
+    for f in stale:
+        os.remove(os.path.join(args.out, f))
+    images = os.path.join(args.out, "images")
+    for d, _, _ in sorted(os.walk(images), reverse=True) if stale else ():   # the emptied folders, deepest first
+        os.rmdir(d)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.md"), "w") as f:   # a folder we cannot write fails now, not after a row
+        f.write("evaluation in progress\n")
+    return cfg
 
 
 # -----------------------------------------------------------------------------
@@ -488,8 +585,12 @@ def write_results(cfg, rows, seconds):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = check_settings(args)          # everything checked before a model loads
+    """The evaluation; a mistake in the arguments raises before any model loads (the command line prints it as one
+    line, see below)."""
+    return run(prepare(argv))
+
+
+def run(cfg):
     t0 = time.time()
     models = load_models(cfg)
     rows = [evaluate_row(models, cfg, "base", None)]
@@ -501,4 +602,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with configurator.user_errors("evaluate.py"):   # a user's mistake: one line, exit status 2, no traceback
+        settings = prepare()
+    run(settings)

@@ -1907,6 +1907,20 @@ def test_reward_spec_and_path_errors(tiny_rewards, tmp_path):
         fn(torch.rand(3, 32, 32), PROMPTS, None)
 
 
+def test_reward_check_reward_paths_names_the_bad_key(tmp_path):
+    reward.check_reward_paths({})
+    reward.check_reward_paths({"clip_l": str(tmp_path), "geneval": str(tmp_path), "grounding_dino": str(tmp_path)})
+    with pytest.raises(ValueError, match=r"unknown key 'clipl'; the known keys are .*clip_l.*pickscore_processor"):
+        reward.check_reward_paths({"clipl": "/tmp"})
+    with pytest.raises(TypeError, match=r"reward_paths\['clip_l'\] must be a str path, got int 3"):
+        reward.check_reward_paths({"clip_l": 3})
+    with pytest.raises(FileNotFoundError, match=r"reward_paths\['pickscore'\] = .*nope' does not exist"):
+        reward.check_reward_paths({"pickscore": str(tmp_path / "nope")})
+    with pytest.raises(TypeError, match="must be a dict"):
+        reward.check_reward_paths(["clip_l"])
+    assert "shapes" in reward.known_path_keys()          # a registered reward's name is a shortcut key too
+
+
 def test_reward_thread_safety(tiny_rewards):
     fn = reward.build({"pickscore": 1.0, "clipscore": 1.0, "geneval": 1.0}, tiny_rewards)
     batches = [(_images(10 + i), PROMPTS, META) for i in range(4)]
@@ -3744,6 +3758,94 @@ def test_evaluate_layout_detector_comes_from_the_registered_module(monkeypatch):
     assert cfg.detector is None and any("IDEA-Research/grounding-dino-tiny" in n for n in cfg.notes)
 
 
+# ------------------------------------------------------------------------------------- evaluate.py's checks
+@pytest.fixture
+def evaluate_loads_nothing(monkeypatch):
+    """evaluate.main with load_models replaced by a failure: a check that passes would reach it."""
+    def load_models(cfg):
+        raise AssertionError("a model would load")
+    monkeypatch.setattr(EV, "load_models", load_models)
+
+
+def test_evaluate_out_must_be_new_or_empty_and_overwrite_replaces_only_an_earlier_evaluation(tmp_path,
+                                                                                               evaluate_loads_nothing):
+    """A file as --out (or under one) fails before any model loads; a non-empty --out is refused (the images of an
+    earlier evaluation would stay beside the new results); --overwrite removes an earlier evaluation's files, and
+    refuses a folder holding anything evaluate.py does not write, deleting nothing."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["--num_prompts", "1", "--num_images", "2", "--out"]
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        EV.main(base + [str(afile)])
+    with pytest.raises(NotADirectoryError, match="afile' is a file"):
+        EV.main(base + [str(afile / "sub")])
+    out = tmp_path / "o"
+    earlier = ["results.md", "results.json", "grid_base.png", "grid_e2po.png", "images/base/0/0.png",
+               "images/e2po/3/1.png"]
+    for f in earlier:
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        (out / f).write_text("earlier")
+    files = lambda: sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    with pytest.raises(FileExistsError, match=r"is not empty \(grid_base.png, grid_e2po.png, images/, results.json"):
+        EV.main(base + [str(out)])
+    assert files() == sorted(earlier)
+    (out / "images" / "e2po" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"files evaluate.py does not write \(images/e2po/notes.txt\)"):
+        EV.main(base + [str(out), "--overwrite"])
+    assert files() == sorted(earlier + ["images/e2po/notes.txt"])
+    (out / "images" / "e2po" / "notes.txt").unlink()
+    with pytest.raises(AssertionError, match="a model would load"):
+        EV.main(base + [str(out), "--overwrite"])
+    assert [p.name for p in out.iterdir()] == ["results.md"]          # written before loading: --out can be written
+    assert EV.check_out(str(tmp_path / "new" / "deeper")) == [] and not (tmp_path / "new").exists()
+
+
+def test_evaluate_refuses_lora_rows_that_share_a_folder(tmp_path, evaluate_loads_nothing):
+    """`--lora a/b=X a_b=Y`: both rows would write images/a_b/ and grid_a_b.png; a name that differs from another
+    only in case shares its folder on a case-insensitive file system; both fail before any model loads."""
+    lora = tmp_path / "x.safetensors"
+    lora.write_text("")
+    with pytest.raises(ValueError, match=r"rows 'a/b' and 'a_b' would both write images/a_b/ and grid_a_b.png"):
+        EV.main(["--lora", f"a/b={lora}", f"a_b={lora}", "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match=r"rows 'base' and 'Base\?' would both write images/Base/"):
+        EV.parse_loras([f"Base?={lora}"])
+    assert [n for n, _ in EV.parse_loras([f"a/b={lora}", f"a-b={lora}"])] == ["a/b", "a-b"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_checks_every_reward_path_before_loading(tmp_path, evaluate_loads_nothing):
+    """reward_paths: an unknown key lists the known ones; a value that is not a str, does not exist or is not what
+    its metric loads (a file or a folder without config.json for clip_l) is an error naming the key; all before any
+    model loads (a missing clip_l folder used to reach transformers, which took it for a Hub repo id)."""
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = (({"clipl": "/tmp"}, ValueError, r"unknown key 'clipl'; the known keys are .*clip_l"),
+             ({"clip_l": "/nonexistent/clip"}, FileNotFoundError,
+              r"reward_paths\['clip_l'\] = '/nonexistent/clip' does not exist"),
+             ({"clip_l": 5}, TypeError, r"reward_paths\['clip_l'\] must be a str path, got int 5"),
+             ({"clip_l": str(afile)}, NotADirectoryError, r"reward_paths\['clip_l'\] = .*afile' is a file"),
+             ({"clip_l": str(folder)}, FileNotFoundError, r"reward_paths\['clip_l'\]: .* has no config.json"))
+    for paths, error, match in cases:
+        with pytest.raises(error, match=match):
+            EV.main(["--num_prompts", "1", "--reward_paths", json.dumps(paths), "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match=r"reward_paths\['clip_l'\]: .* has no config.json"):   # CLIP sim alone
+        EV.main(["--num_prompts", "1", "--rewards", "--reward_paths", json.dumps({"clip_l": str(folder)}),
+                 "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_command_line_prints_a_user_error_in_one_line():
+    """`python evaluate.py --reward_paths '{"clip_l": 5}'`: `evaluate.py: error: ...` on stderr, status 2, no
+    traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "E2PO_TRACEBACK"}
+    p = subprocess.run([sys.executable, "evaluate.py", "--reward_paths", '{"clip_l": 5}'], capture_output=True,
+                       text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == "evaluate.py: error: reward_paths['clip_l'] must be a str path, got int 5\n"
+
+
 # ==============================================================================================================
 # bench.py: FLOP counter and one repeat of every row with its agreement checks
 # ==============================================================================================================
@@ -3837,3 +3939,93 @@ def test_compare_gives_every_method_the_same_budget_and_reports_seed_statistics(
     assert "- e2po − nft: strict +0.000 ± 0.071 (not separable from seed noise)" in sections
     compare.plot({"e2po": runs, "nft": nft}, tmp_path / "c.png")
     assert Image.open(tmp_path / "c.png").size[0] == 4 * 420
+
+
+def _compare_fake_trainer(calls):
+    """Stands in for compare.launch: records each train.py command and writes what a finished run leaves (config.json
+    as train.py resolves it, a log up to max_steps with evaluations at step 0 and at the end, ckpt.pt)."""
+    def launch(cmd, env, log):
+        cfg = configurator.configure(train.config_defaults(), cmd[2:])
+        calls.append(cfg)
+        d = cfg["out_dir"]
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        rows = [{"step": 0, "eval_reward": 0.1, "eval_shapes_strict": 0.0}]
+        rows += [{"step": s, "reward_mean": 0.1, "reward_std": 0.2, "zero_std_ratio": 0.0}
+                 for s in range(1, cfg["max_steps"] + 1)]
+        rows[-1].update(eval_reward=0.2, eval_shapes_strict=0.1)
+        with open(os.path.join(d, "log.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        open(os.path.join(d, "ckpt.pt"), "wb").close()
+        log.write("trained\n")
+        return 0
+    return launch
+
+
+def test_compare_refuses_bad_arguments_before_anything_runs(tmp_path, monkeypatch):
+    """Duplicate seeds or methods (two runs into one folder), --jobs 0, --set pairs that are not KEY=VALUE, unknown,
+    mistyped or compare.py's own: each raises from main() naming the mistake, and nothing is launched or created."""
+    from data.shapes import compare
+    calls = []
+    monkeypatch.setattr(compare, "launch", _compare_fake_trainer(calls))
+    out = tmp_path / "sweep"
+    for argv, error, match in ((["--seeds", "0", "0"], ValueError, "--seeds lists 0 more than once"),
+                               (["--methods", "nft", "e2po", "nft"], ValueError, "--methods lists nft more than once"),
+                               (["--jobs", "0"], ValueError, "--jobs must be >= 1"),
+                               (["--set", "foo"], ValueError, "'foo' must look like KEY=VALUE"),
+                               (["--set", "foo=1"], ValueError, "unknown config key 'foo'"),
+                               (["--set", "learning_rate=fast"], TypeError, "learning_rate"),
+                               (["--set", "seed=3"], ValueError, "compare.py sets seed itself"),
+                               (["--set", "num_seeds=3"], ValueError, "compare.py sets num_seeds itself")):
+        with pytest.raises(error, match=match):
+            compare.main(argv + ["--smoke", "--out", str(out)])
+    assert calls == [] and not out.exists()
+
+
+def test_compare_rerun_skips_finished_runs_resumes_unfinished_ones_and_refuses_the_rest(tmp_path, monkeypatch):
+    """Re-running a sweep into its --out: a finished run is skipped and reported from its files, which stay byte for
+    byte (train.log, wall_seconds: its minutes in the table); an unfinished run with a checkpoint is resumed with
+    --resume=True, its train.log appended to; one without a checkpoint, or a run started with other settings, refuses
+    the whole re-run before anything is launched."""
+    from data.shapes import compare
+    calls = []
+    monkeypatch.setattr(compare, "launch", _compare_fake_trainer(calls))
+    out = tmp_path / "sweep"
+    argv = ["--methods", "nft", "e2po", "--seeds", "0", "1", "--jobs", "2", "--out", str(out), "--max_steps"]
+    results = compare.main(argv + ["2"])
+    assert len(calls) == 4 and not any(c["resume"] for c in calls)
+    assert {m: [s for s, _, _ in runs] for m, runs in results.items()} == {"nft": [0, 1], "e2po": [0, 1]}
+    for seed in (0, 1):
+        (out / f"nft-s{seed}" / "wall_seconds").write_text("600\n")
+    finished = {p: p.read_bytes() for p in (out / "nft-s0").iterdir()}
+    log = out / "e2po-s1" / "log.jsonl"
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:2]))    # stopped after step 1 (ckpt.pt kept)
+
+    calls.clear()
+    results = compare.main(argv + ["2"])
+    assert [(c["out_dir"], c["resume"]) for c in calls] == [(str(out / "e2po-s1"), True)]
+    assert {p: p.read_bytes() for p in (out / "nft-s0").iterdir()} == finished
+    assert {m: [s for s, _, _ in runs] for m, runs in results.items()} == {"nft": [0, 1], "e2po": [0, 1]}
+    assert "| nft | 1 × 8 | 10.0 |" in (out / "compare.md").read_text()
+    text = (out / "e2po-s1" / "train.log").read_text()
+    assert text.count("trained") == 2 and "--resume=True" in text.splitlines()[-2]
+
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"nft-s0 holds a run started with other settings \(max_steps: 2 there, 3 now"):
+        compare.main(argv + ["3"])
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:2]))
+    (out / "e2po-s1" / "ckpt.pt").unlink()
+    del before[out / "e2po-s1" / "ckpt.pt"], before[log]
+    with pytest.raises(ValueError, match="e2po-s1 holds an unfinished run .* no ckpt.pt"):
+        compare.main(argv + ["2"])
+    assert calls[1:] == [] and {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p != log} == before
+
+
+def test_compare_command_line_prints_a_user_error_in_one_line():
+    """`python data/shapes/compare.py --seeds 0 0`: `compare.py: error: ...` on stderr, status 2, no traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "E2PO_TRACEBACK"}
+    p = subprocess.run([sys.executable, "data/shapes/compare.py", "--seeds", "0", "0"], capture_output=True, text=True,
+                       env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr == "compare.py: error: --seeds lists 0 more than once: every method and seed runs once, into " \
+                       "OUT/<method>-s<seed>/\n"

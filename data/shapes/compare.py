@@ -24,6 +24,20 @@ every method, then one section per question of the paper with the methods it nee
 OUT/compare.png (mean over seeds vs step: training reward, intra-group reward std, zero-std ratio, held-out GenEval
 strict; one line per method).
 
+A sweep is resumable: run the same command again into the same --out and each OUT/<method>-s<seed>/ is
+    - new (no run there): trained;
+    - finished (its log.jsonl reaches the max_steps of its config.json): skipped, and reported from its files as they
+      are (nothing in it is written, its train.log and wall_seconds included);
+    - unfinished with a checkpoint (stopped or killed mid-run): continued with train.py's --resume=True, which repeats
+      exactly what an uninterrupted run does; its train.log is appended to and its wall_seconds adds up both attempts.
+Before anything runs, every existing run's config.json is compared with the full train.py config this sweep would
+give it: a run started with other settings (another --set, --max_steps, --smoke, budget or train.py default), or an
+unfinished run with no ckpt.pt to resume from, refuses the whole sweep with the list of them, and nothing is started
+or changed. A --seeds or --methods value given twice is refused (both runs would share one folder), as are --set pairs
+that are not KEY=VALUE, name no train.py setting, have the wrong type, or set what compare.py sets per run (seed,
+out_dir, resume, method and the keys that define the chosen methods). On the command line such a mistake prints one
+line, `compare.py: error: ...`, and exits with status 2; from Python, main() and check() raise it.
+
     python data/shapes/compare.py                                    # 3 seeds × nft, e2po at train.py's defaults
     python data/shapes/compare.py --methods nft nft_same_g e2po e2po_k2 e2po_k8 static no_anchor flow_grpo e_grpo
     python data/shapes/compare.py --report_only --methods ...          # re-read the logs, no training
@@ -59,6 +73,8 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
+import configurator   # noqa: E402
+import train   # noqa: E402
 from train import num_seeds as DEFAULT_G, num_variants as DEFAULT_K   # noqa: E402  (the default run's K × G)
 
 METHODS = ("nft", "nft_same_g", "e2po", "static", "no_anchor", "flow_grpo", "e_grpo")   # and e2po_k<K>
@@ -111,30 +127,97 @@ def method_overrides(method, budget, k):
     raise ValueError(f"unknown method {method!r}: one of {METHODS} or e2po_k<K>")
 
 
+def launch(cmd, env, log):
+    """Run one train.py command with its output going to the open file `log`; its exit status (the tests replace
+    this to stand in for training)."""
+    return subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
 def run_one(job):
-    """One training run in a subprocess with one thread; its output goes to out_dir/train.log, its wall time to
-    out_dir/wall_seconds."""
+    """One training run in a subprocess with one thread; its output is appended to out_dir/train.log, its wall time
+    (added to an earlier attempt's when it resumes) written to out_dir/wall_seconds."""
     name, settings = job
     os.makedirs(settings["out_dir"], exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, "train.py"] + [f"--{k}={v}" for k, v in settings.items()]
     print(f"[{name}] start: {' '.join(cmd[1:])}", flush=True)
+    wall = os.path.join(settings["out_dir"], "wall_seconds")
+    try:
+        before = float(open(wall).read()) if settings.get("resume") else 0.0
+    except (OSError, ValueError):   # an attempt killed before it wrote one
+        before = 0.0
     t0 = time.time()
-    with open(os.path.join(settings["out_dir"], "train.log"), "w") as log:
-        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    with open(os.path.join(settings["out_dir"], "wall_seconds"), "w") as f:
-        f.write(f"{time.time() - t0:.0f}\n")
+    with open(os.path.join(settings["out_dir"], "train.log"), "a") as log:
+        log.write(("\n" if log.tell() else "") + f"=== compare.py {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                  f"{' '.join(cmd[1:])}\n")
+        log.flush()
+        rc = launch(cmd, env, log)
+    with open(wall, "w") as f:
+        f.write(f"{before + time.time() - t0:.0f}\n")
     print(f"[{name}] {'done' if rc == 0 else f'FAILED (exit {rc}), see ' + settings['out_dir'] + '/train.log'}", flush=True)
     return rc
+
+
+def read_log(d):
+    """(config.json, log.jsonl rows) of a run folder; a missing file raises FileNotFoundError."""
+    with open(os.path.join(d, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(d, "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return cfg, rows
+
+
+def differences(requested, recorded):
+    """{key: (recorded, requested)} of the settings a run would get now (train.py's full config) that its config.json
+    records otherwise. A requested "" or 0 that is train.py's default (a path or size train.py fills in) is not
+    compared; strings compare as paths too (train.py resolves them from the repository)."""
+    defaults = train.config_defaults()
+    out = {}
+    for key, want in requested.items():
+        if key in ("out_dir", "resume", "resume_override") or (not want and want == defaults.get(key)):
+            continue
+        have = recorded.get(key, defaults.get(key))
+        if json.loads(json.dumps(want)) == have:
+            continue
+        if isinstance(want, str) and isinstance(have, str) and want and have and \
+                os.path.realpath(os.path.join(REPO, want)) == os.path.realpath(os.path.join(REPO, have)):
+            continue
+        out[key] = (have, want)
+    return out
+
+
+def run_state(d, requested):
+    """What a sweep does with the folder of one of its runs: ("new", why) when it holds no run, ("finished", why) when
+    its log reaches the max_steps its config.json records (skipped, reported from its files), ("resume", why) when it
+    stopped after a checkpoint (continued with train.py's --resume=True). Raises ValueError when the run there cannot
+    be continued as this sweep asks: it has no checkpoint to resume from, or it was started with other settings."""
+    found = [f for f in train.RUN_FILES if os.path.exists(os.path.join(d, f))]
+    if not found:
+        return "new", ""
+    try:
+        cfg, rows = read_log(d)
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        if os.path.isfile(os.path.join(d, "ckpt.pt")):
+            return "resume", f"checkpoint, unreadable log ({e})"
+        raise ValueError(f"{d} holds a run ({', '.join(found)}) whose config.json / log.jsonl cannot be read ({e}) and "
+                         "no ckpt.pt to resume from") from None
+    changed = differences(requested, cfg)
+    if changed:
+        raise ValueError(f"{d} holds a run started with other settings ("
+                         + "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(changed.items())) + ")")
+    last = rows[-1]["step"] if rows else 0
+    if last >= cfg["max_steps"]:
+        return "finished", f"finished (logged step {last} of {cfg['max_steps']})"
+    if not os.path.isfile(os.path.join(d, "ckpt.pt")):
+        raise ValueError(f"{d} holds an unfinished run (logged step {last} of {cfg['max_steps']}) with no ckpt.pt to "
+                         "resume from")
+    return "resume", f"unfinished (logged step {last} of {cfg['max_steps']})"
 
 
 def load_run(d):
     """(config.json, log.jsonl rows) of a finished run, or None with a message why not."""
     try:
-        with open(os.path.join(d, "config.json")) as f:
-            cfg = json.load(f)
-        with open(os.path.join(d, "log.jsonl")) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        cfg, rows = read_log(d)
     except FileNotFoundError as e:
         return print(f"skipping {d}: {e.filename} is missing")
     last = rows[-1]["step"] if rows else 0
@@ -303,7 +386,32 @@ def plot(results, path, keys=(("reward_mean", "training reward (mean)"), ("rewar
     img.save(path)
 
 
-def main(argv=None):
+OWN_KEYS = ("seed", "out_dir", "resume", "resume_override")   # compare.py sets these for every run
+
+
+def parse_set(pairs, methods, budget, k):
+    """--set KEY=VALUE pairs -> {key: text as given}, each checked against train.py's settings as train.py checks it
+    (configurator: a known key, the default's type); keys compare.py sets itself, per run or per method, are refused."""
+    owned = {*OWN_KEYS, "method"} | {key for m in methods for key in method_overrides(m, budget, k)}
+    out = {}
+    for kv in pairs:
+        key, sep, text = kv.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {kv!r} must look like KEY=VALUE (a train.py setting, e.g. learning_rate=1e-4)")
+        if key in owned:
+            raise ValueError(f"--set {kv!r}: compare.py sets {key} itself for every run (use --seeds, --out, --budget, "
+                             "--k or --methods)")
+        try:
+            configurator.configure(train.config_defaults(), [f"--{key}={text}"])
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"--set {kv!r}: {e}") from None
+        out[key] = text
+    return out
+
+
+def check(argv=None):
+    """Parse and check a sweep before anything runs (a ValueError / TypeError names the mistake); returns the plan:
+    the jobs to launch (new runs, and unfinished ones resumed with --resume=True) and the finished ones skipped."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budget", type=int, default=DEFAULT_K * DEFAULT_G, help="N images per prompt (K·G for E²PO), for "
@@ -317,20 +425,61 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="1 tiny step per run: " + " ".join(f"{k}={v}" for k, v in SMOKE.items()))
     ap.add_argument("--report_only", action="store_true", help="only re-read OUT/*/log.jsonl")
     args = ap.parse_args(argv)
+    for flag, value in (("--jobs", args.jobs), ("--budget", args.budget), ("--k", args.k),
+                        ("--max_steps", 1 if args.max_steps is None else args.max_steps)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    for flag, values in (("--seeds", args.seeds), ("--methods", args.methods)):
+        twice = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+        if twice:   # each (method, seed) has one folder: two runs of it would train into the same one
+            raise ValueError(f"{flag} lists {' '.join(map(str, twice))} more than once: every method and seed runs "
+                             f"once, into OUT/<method>-s<seed>/")
     for m in args.methods:      # a bad name or budget fails before anything runs
         method_overrides(m, args.budget, args.k)
     out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--out {args.out!r} is a file, not a folder")
     common = dict(SMOKE) if args.smoke else {}
-    common.update(kv.split("=", 1) for kv in args.set)
+    common.update(parse_set(args.set, args.methods, args.budget, args.k))
     if args.max_steps is not None:
         common["max_steps"] = args.max_steps
     run_dir = lambda m, s: os.path.join(out, f"{m}-s{s}")
-
+    jobs, skipped, problems = [], [], []
     if not args.report_only:     # seed-major order, so a half-done sweep already has every method
-        jobs = [(f"{m}-s{s}", {**common, **method_overrides(m, args.budget, args.k), "seed": s, "out_dir": run_dir(m, s)})
-                for s in args.seeds for m in args.methods]
+        defaults = train.config_defaults()
+        for s in args.seeds:
+            for m in args.methods:
+                settings = {**common, **method_overrides(m, args.budget, args.k), "seed": s, "out_dir": run_dir(m, s)}
+                typed = configurator.configure(defaults, [f"--{k}={v}" for k, v in settings.items()])
+                try:
+                    state, why = run_state(run_dir(m, s), typed)
+                except ValueError as e:
+                    problems.append(str(e))
+                    continue
+                if state == "finished":
+                    skipped.append((f"{m}-s{s}", why))
+                else:
+                    jobs.append((f"{m}-s{s}", {**settings, **({"resume": True} if state == "resume" else {})}, why))
+        if problems:
+            raise ValueError(f"--out {args.out!r} holds runs this sweep can neither skip nor resume (nothing was "
+                             "started or changed; use another --out, or move these folders away):\n  "
+                             + "\n  ".join(problems))
+    return argparse.Namespace(args=args, out=out, run_dir=run_dir, jobs=jobs, skipped=skipped,
+                              argv=sys.argv[1:] if argv is None else argv)
+
+
+def run(plan):
+    """Launch the plan's jobs (--jobs at once), then read every run's files and write compare.md and compare.png."""
+    args, out, run_dir = plan.args, plan.out, plan.run_dir
+    for name, why in plan.skipped:
+        print(f"[{name}] {why}: skipped, reported from its files", flush=True)
+    for name, settings, why in plan.jobs:
+        if settings.get("resume"):
+            print(f"[{name}] {why}: resuming it with --resume=True", flush=True)
+    if plan.jobs:
         with ThreadPoolExecutor(args.jobs) as pool:
-            failed = [name for (name, _), rc in zip(jobs, pool.map(run_one, jobs)) if rc]
+            rcs = list(pool.map(run_one, [(name, settings) for name, settings, _ in plan.jobs]))
+        failed = [name for (name, _, _), rc in zip(plan.jobs, rcs) if rc]
         if failed:
             print(f"failed runs (left out of the report): {failed}")
 
@@ -344,13 +493,21 @@ def main(argv=None):
         sys.exit("nothing to report")
     os.makedirs(out, exist_ok=True)
     md = table(results) + "\n" + questions(results)
-    head = (f"# The paper's questions on the shapes world\n\n`python data/shapes/compare.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
+    head = f"# The paper's questions on the shapes world\n\n`python data/shapes/compare.py {' '.join(plan.argv)}`\n\n"
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(head + md + "\n![curves](compare.png)\n")
     plot(results, os.path.join(out, "compare.png"))
     print(md)
     print(f"wrote {os.path.join(out, 'compare.md')} and compare.png")
+    return results
+
+
+def main(argv=None):
+    """The sweep; a mistake in its arguments raises (the command line prints it as one line, see below)."""
+    return run(check(argv))
 
 
 if __name__ == "__main__":
-    main()
+    with configurator.user_errors("compare.py"):    # a user's mistake: one line, exit status 2, no traceback
+        plan = check()
+    run(plan)
