@@ -2723,9 +2723,30 @@ def test_train_decay_schedules():
 
 def test_train_keyed_randomness_and_prompt_order():
     assert train.keyed_seed(42, 3, "nft", 7) == train.keyed_seed(42, 3, "nft", 7) != train.keyed_seed(42, 3, "nft", 8)
-    cfg = train.SimpleNamespace(train_items=[{"prompt": str(i)} for i in range(10)], prompts_per_step=4, seed=1)
+    cfg = train.SimpleNamespace(train_items=[{"prompt": str(i)} for i in range(10)], prompts_per_step=4, seed=1,
+                                balance_tags=True)
     seen = sum((train.prompts_for_step(cfg, s) for s in range(5)), [])   # 20 draws = two epochs
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+
+
+def test_train_balance_tags_draws_each_tag_equally_and_each_prompt_in_turn():
+    tags = ["color_attr"] * 12 + ["single_object"] * 2 + ["counting"] * 3           # 70 % one tag, as the world
+    items = [{"prompt": str(i), "tag": t} for i, t in enumerate(tags)]
+    cfg = train.SimpleNamespace(train_items=items, prompts_per_step=3, seed=0, balance_tags=True)
+    seen = sum((train.prompts_for_step(cfg, s) for s in range(12)), [])             # 12 rounds of the 3 tags
+    assert Counter(tags[i] for i in seen) == {"color_attr": 12, "single_object": 12, "counting": 12}
+    for tag in set(tags):                                                           # within a tag: epochs of its prompts
+        drawn = [i for i in seen if tags[i] == tag]
+        n = tags.count(tag)
+        assert all(sorted(drawn[k:k + n]) == sorted(i for i, t in enumerate(tags) if t == tag)
+                   for k in range(0, len(drawn) - n + 1, n))
+    for r in range(12):                                                             # every round has every tag once
+        assert {tags[i] for i in seen[3 * r:3 * r + 3]} == set(tags)
+    uniform = train.SimpleNamespace(**{**vars(cfg), "balance_tags": False})
+    untagged = train.SimpleNamespace(**{**vars(cfg), "train_items": [{"prompt": it["prompt"]} for it in items]})
+    first = sum((train.prompts_for_step(uniform, s) for s in range(6)), [])
+    assert first == sum((train.prompts_for_step(untagged, s) for s in range(6)), [])
+    assert sorted(first[:17]) == list(range(17))                                    # one epoch over all prompts
 
 
 def test_train_atomic_checkpoint_round_trip(tmp_path):

@@ -160,6 +160,8 @@ text_encoders = ""          # pipeline root holding text_encoder*/tokenizer*; ""
 use_t5 = False              # SD3.5 uses T5-XXL; the shapes world has no T5
 max_sequence_length = 0     # T5 tokens; 0 = the pipeline's own (its e2po.json: the world's 8 zeros), else 256
 train_prompts = "data/shapes/train.jsonl"   # GenEval-format jsonl (key "prompt") or .txt, one prompt a line
+balance_tags = True         # draw each GenEval tag equally often (the world's train split is 83 % color_attr); False, or
+                            # prompts without tags: uniform over prompts (Flow-GRPO's and DiffusionNFT's GenEval runs)
 eval_prompts = "data/shapes/test.jsonl"
 eval_num_prompts = 0        # first N held-out prompts (0 = all)
 eval_num_images = 16        # images per held-out prompt (noise keyed by prompt and image, not by seed; RESULTS.md)
@@ -728,13 +730,31 @@ def keyed_generator(*keys):
     return torch.Generator().manual_seed(keyed_seed(*keys))
 
 
+def prompt_groups(cfg):
+    """The train prompts' indices, one list per GenEval tag with balance_tags (in order of first appearance), else one
+    list of all."""
+    tags = [item.get("tag") for item in cfg.train_items]
+    if not cfg.balance_tags or None in tags:
+        return [list(range(len(tags)))]
+    return [[i for i, t in enumerate(tags) if t == tag] for tag in dict.fromkeys(tags)]
+
+
 def prompts_for_step(cfg, step):
-    """Global prompt indices of one step: consecutive slices of per-epoch keyed permutations."""
-    n = len(cfg.train_items)
+    """Global prompt indices of one step: consecutive slices of per-epoch keyed permutations. With tag groups, the
+    stream goes round the tags (a keyed order each round) and takes each tag's prompts from its own permutations."""
+    groups = prompt_groups(cfg)
     out = []
     for i in range(step * cfg.prompts_per_step, (step + 1) * cfg.prompts_per_step):
-        perm = torch.randperm(n, generator=keyed_generator(cfg.seed, "data-epoch", i // n))
-        out.append(int(perm[i % n]))
+        if len(groups) == 1:
+            n = len(groups[0])
+            perm = torch.randperm(n, generator=keyed_generator(cfg.seed, "data-epoch", i // n))
+            out.append(groups[0][int(perm[i % n])])
+            continue
+        round_, slot = divmod(i, len(groups))
+        g = int(torch.randperm(len(groups), generator=keyed_generator(cfg.seed, "tag-round", round_))[slot])
+        n = len(groups[g])
+        perm = torch.randperm(n, generator=keyed_generator(cfg.seed, "data-epoch", g, round_ // n))
+        out.append(groups[g][int(perm[round_ % n])])
     return out
 
 

@@ -9,6 +9,7 @@ use_t5 = True
 max_sequence_length = 128                 # T5 tokens, as the reference
 train_prompts = "data/geneval/train_metadata.jsonl"   # GenEval jsonl from Flow-GRPO's dataset/geneval/ (README)
 eval_prompts = "data/geneval/test_metadata.jsonl"
+balance_tags = False                      # uniform over prompts, as Flow-GRPO / DiffusionNFT sample GenEval
 eval_num_prompts = 0
 eval_num_images = 1
 eval_sample_steps = 40                    # sample.eval_num_steps

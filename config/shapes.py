@@ -4,8 +4,9 @@ weights = ""                              # "" = the world's data/shapes/sd3_tin
 use_t5 = False                            # the tiny world has CLIP-shaped encoders only
 max_sequence_length = 0                   # T5 tokens: the pipeline's own (the world's e2po.json: 8 zeros)
 train_prompts = "data/shapes/train.jsonl"
+balance_tags = True                       # each GenEval tag equally often (the train split is 83 % color_attr)
 eval_prompts = "data/shapes/test.jsonl"
-eval_num_prompts = 0                      # all 34 held-out prompts ...
+eval_num_prompts = 0                      # all 47 held-out prompts ...
 eval_num_images = 16                      # ... × 16 images, the same noise for every run
 eval_sample_steps = 20
 reward = "shapes"                         # train: the world's GenEval partial score (the paper's reward)
