@@ -2561,7 +2561,8 @@ def test_world_rebuild_quick_writes_a_pipeline_the_loaders_read(tmp_path, monkey
     monkeypatch.setattr(pretrain, "DEFAULT_OUT", root)
     pretrain.main(["--quick", "--threads", str(torch.get_num_threads())])
     assert files_digest(world.HERE / "sd3_tiny") == shipped
-    assert model.pipeline_notes(root) == {"max_sequence_length": pretrain.T5_LENGTH}
+    notes = {"max_sequence_length": pretrain.T5_LENGTH, "mmdit_step": pretrain.QUICK_STEPS["mmdit"]}
+    assert model.pipeline_notes(root) == notes
     assert model.native_size(root) == world.SIZE
     dit, vae, text = pretrain.load_pipeline(root)
     assert vae.factor == 4 and dit.cfg == pretrain.MMDIT
@@ -2584,6 +2585,10 @@ def test_world_rebuild_quick_writes_a_pipeline_the_loaders_read(tmp_path, monkey
     pretrain.main(["--quick", "--replace", "--resume"])                 # finished stages: only the swap
     assert files_digest(root).keys() == before.keys()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sd3_tiny", "sd3_tiny.tmp"]   # nothing left beside it
+    warm = tmp_path / "warm"                # a warm start continues at the recorded step: here the last one
+    pretrain.main(["--quick", "--out", str(warm), "--warm_start", str(root)])
+    again = files_digest(warm)
+    assert all(again[k] == v for k, v in files_digest(root).items() if not k.startswith("vae/")), "towers, MMDiT kept"
 
 
 def test_world_rebuild_refuses_what_it_did_not_write(tmp_path, capsys):

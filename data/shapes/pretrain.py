@@ -351,11 +351,12 @@ def caption_dropout(context, pooled, empty, keep_l, keep_g, text):
 
 
 def train_mmdit(vae, text, prompts, steps, work, resume, per_tag=LATENTS_PER_TAG, evaluate_every=EVAL_EVERY,
-                config=MMDIT, bf16=False, cpu_budget=None, evaluate=None, data=None):
+                config=MMDIT, bf16=False, cpu_budget=None, evaluate=None, data=None, init=None):
     """The flow stage. `bf16` runs the forward under CPU bf16 autocast; `cpu_budget` (seconds of this process's CPU
     time, evaluations excluded, counted across resumes) stops early; `evaluate(step, ema, cpu)` replaces the default
     progress evaluation every `evaluate_every` steps (the state is saved after each). The latents are cached in `data`
-    (default: the work folder)."""
+    (default: the work folder). `init` = (MMDiT, step): a warm start from a saved pipeline's weights at its step, with
+    a new optimizer (a saved state in the work folder, with --resume, comes first)."""
     t0 = time.time()
     latents, index = flow_dataset(vae, prompts, data or work, per_tag)
     with torch.no_grad():
@@ -368,7 +369,12 @@ def train_mmdit(vae, text, prompts, steps, work, resume, per_tag=LATENTS_PER_TAG
     ema.load_state_dict(dit.state_dict())
     ema.requires_grad_(False)
     st = Stage("mmdit", work, {"dit": dit, "ema": ema}, adamw(dit.parameters(), LR["mmdit"]), steps)
-    if resume:
+    if init and not (resume and st.path.is_file()):
+        dit.load_state_dict(init[0].float().state_dict())
+        ema.load_state_dict(init[0].float().state_dict())
+        st.step = init[1]
+        log(f"mmdit: warm start at step {st.step}/{steps} from the pipeline's weights (a new optimizer)")
+    elif resume:
         st.resume()
     evaluate = evaluate or (lambda step, ema, cpu: log(f"mmdit {step:5d}: held-out GenEval strict, CFG-free, per tag: "
                                                   f"{fmt(geneval_per_tag(ema, vae, text, num_images=4)[1.0])}"))
@@ -452,8 +458,9 @@ def fmt(scores):
 
 
 # ----------------------------------------------------------------------------- saving
-def save_pipeline(root, dit, vae, towers):
-    """Everything in fp16 (the shipped files stay small); the loaders upcast to the dtype asked for."""
+def save_pipeline(root, dit, vae, towers, mmdit_step=None):
+    """Everything in fp16 (the shipped files stay small); the loaders upcast to the dtype asked for. e2po.json records
+    the T5 length for the loaders and the MMDiT's pretraining step (where --warm_start continues)."""
     root = Path(root)
     side = world.SIZE // vae.factor
     model.save_diffusers(dit.half(), root / "transformer", sample_size=side)   # 64 px: the pipeline's native size
@@ -470,7 +477,10 @@ def save_pipeline(root, dit, vae, towers):
              "tokenizer_3": [None, None], "transformer": ["diffusers", "SD3Transformer2DModel"],
              "vae": ["diffusers", "AutoencoderKL"]}
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
-    (root / model.PIPELINE_NOTES).write_text(json.dumps({"max_sequence_length": T5_LENGTH}))   # no T5: its zeros
+    notes = {"max_sequence_length": T5_LENGTH}                 # no T5: its zeros
+    if mmdit_step is not None:
+        notes["mmdit_step"] = int(mmdit_step)
+    (root / model.PIPELINE_NOTES).write_text(json.dumps(notes))
 
 
 def load_pipeline(root):
@@ -546,6 +556,11 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the states saved in OUT.tmp/")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--evaluate", action="store_true", help="only score OUT per tag (16 images a prompt)")
+    parser.add_argument("--vae_from", default=None, help="take stage 1 (the VAE) from this pipeline instead of "
+                        "training it")
+    parser.add_argument("--warm_start", default=None, help="take the VAE, text towers and MMDiT from this pipeline "
+                        "(same sizes) and continue the MMDiT stage at the step its e2po.json records: for a long run "
+                        "whose work folder is gone")
     args = parser.parse_args(argv)
     with user_errors("pretrain.py"):
         if args.threads < 1:
@@ -559,6 +574,12 @@ def main(argv=None):
             work = root.with_name(root.name + ".tmp")
             check_out(root, args.replace)
             check_work(work, args.resume)
+            for flag in ("vae_from", "warm_start"):
+                source = getattr(args, flag)
+                if source and not (Path(source) / "model_index.json").is_file():
+                    raise FileNotFoundError(f"--{flag}: {source} is not a pipeline folder (no model_index.json)")
+            if args.warm_start and "mmdit_step" not in model.pipeline_notes(args.warm_start):
+                raise ValueError(f"--warm_start: {args.warm_start}/{model.PIPELINE_NOTES} records no mmdit_step")
     torch.set_num_threads(args.threads)
     if args.evaluate:
         return report(root)
@@ -566,17 +587,28 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     prompts = world.load_prompts("train")
     t0 = time.time()
-    vae = train_vae(prompts, steps["vae"], work, args.resume)
-    tokenizers = write_tokenizers(work)
-    vocab = json.loads((work / "tokenizer" / "vocab.json").read_text())
-    towers = build_text_towers(len(vocab), vocab[world.BOS], vocab[world.EOS])
-    train_text(towers, tokenizers, prompts, steps["text"], work, args.resume)
-    text = model.TextEncoders(*towers, *tokenizers, max_sequence_length=T5_LENGTH, joint_dim=JOINT_DIM)
-    dit = train_mmdit(vae, text, prompts, steps["mmdit"], work, args.resume, **(QUICK_DATA if args.quick else {}))
+    source = args.warm_start or args.vae_from
+    vae = (model.load_vae(source).float().eval().requires_grad_(False) if source
+           else train_vae(prompts, steps["vae"], work, args.resume))
+    init = None
+    if args.warm_start:
+        dit0, _, text = load_pipeline(args.warm_start)
+        towers, tokenizers = [text.clip_l, text.clip_g], [text.tokenizer_l, text.tokenizer_g]
+        for name in ("tokenizer", "tokenizer_2"):
+            shutil.copytree(Path(args.warm_start) / name, work / name, dirs_exist_ok=True)
+        init = (dit0, model.pipeline_notes(args.warm_start)["mmdit_step"])
+    else:
+        tokenizers = write_tokenizers(work)
+        vocab = json.loads((work / "tokenizer" / "vocab.json").read_text())
+        towers = build_text_towers(len(vocab), vocab[world.BOS], vocab[world.EOS])
+        train_text(towers, tokenizers, prompts, steps["text"], work, args.resume)
+        text = model.TextEncoders(*towers, *tokenizers, max_sequence_length=T5_LENGTH, joint_dim=JOINT_DIM)
+    dit = train_mmdit(vae, text, prompts, steps["mmdit"], work, args.resume, init=init,
+                      **(QUICK_DATA if args.quick else {}))
     new = Path(tempfile.mkdtemp(dir=root.parent, prefix=root.name + ".new-"))
     for name in ("tokenizer", "tokenizer_2"):
         shutil.copytree(work / name, new / name)
-    save_pipeline(new, dit, vae, towers)
+    save_pipeline(new, dit, vae, towers, mmdit_step=steps["mmdit"])
     swap_in(new, root)                    # the old pipeline stays until the new one is complete
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) / 2 ** 20
     log(f"wrote {root} ({size:.1f} MB) in {(time.time() - t0) / 60:.1f} min; the states stay in {work} (--resume)")
