@@ -10,7 +10,9 @@
 Nothing is overwritten by accident: the default output is out/sd3_tiny, never the shipped model; an --out that holds
 anything but a pipeline of this script is refused, and replacing one takes --replace (the new pipeline is written
 beside it and swapped in whole). The work folder OUT.tmp/ holds the stages' saved states: a new run refuses to start
-over it (continue with --resume, or delete it yourself).
+over it (continue with --resume, or delete it yourself). A long run whose work folder is gone continues from a saved
+pipeline with --warm_start PIPELINE (its VAE, towers and MMDiT, at the step its e2po.json records); --vae_from PIPELINE
+takes only the VAE (stage 1 costs ~2 CPU-s a step: 3000 steps are ~1.7 CPU-hours).
 
 The result is a small model of the real architecture (MMDiT with dual attention and qk-norm, the SD3 16-channel VAE,
 CLIP-L- and CLIP-G-shaped text towers with a CLIP BPE tokenizer) laid out as a diffusers pipeline root: transformer/,
@@ -87,6 +89,8 @@ LATENT_NOISE = 0.1                     # the decoder learns to tolerate imperfec
 LATENTS_PER_TAG = 6000                 # the fixed flow-matching dataset: renders per tag, spread over its prompts
 AUX_WEIGHT = 1.0                       # text towers: attribute loss next to the contrastive one
 AUX_SCALE = 16.0                       # the attribute heads' cosine-logit scale (a prompt must point at its classes)
+SPREAD_MAX = 0.8                       # text towers: pooled cosine allowed between prompts one attribute apart ...
+SPREAD_WEIGHT = 1.0                    # ... and the weight of the hinge on the excess
 CAPTION_DROPOUT = 0.2                  # per text encoder (SD3: 0.464 for each of three); both dropped: 4 %
 EMA_DECAY = 0.999
 SAVE_EVERY = 1000                      # steps between saved states of a stage
@@ -228,8 +232,8 @@ def slot_targets(metas):
 
 
 def tag_balanced(prompts, n, rng):
-    """n prompts: a tag uniformly, then a prompt of that tag uniformly (train.jsonl is 83 % color_attr)."""
-    by_tag = [[m for m in prompts if m["tag"] == t] for t in world.TAGS]
+    """n prompt indices: a tag uniformly, then a prompt of that tag uniformly (train.jsonl is 83 % color_attr)."""
+    by_tag = [[i for i, m in enumerate(prompts) if m["tag"] == t] for t in world.TAGS]
     tags = rng.integers(len(by_tag), size=n)
     return [by_tag[t][rng.integers(len(by_tag[t]))] for t in tags]
 
@@ -237,7 +241,8 @@ def tag_balanced(prompts, n, rng):
 def train_text(towers, tokenizers, prompts, steps, work, resume):
     """CLIP-style InfoNCE between each tower's pooled embedding and a small CNN's image embedding (a batch's repeated
     prompts are all positives), plus AUX_WEIGHT × the cross-entropy of cosine classifiers that read each prompt's
-    attributes (SLOTS) off the tower's normalised pooled embedding, on tag-balanced batches."""
+    attributes (SLOTS) off the tower's normalised pooled embedding, plus SPREAD_WEIGHT × how far each prompt's cosine
+    to a train prompt one attribute away exceeds SPREAD_MAX, on tag-balanced batches."""
     torch.manual_seed(SEED + 1)
     image_tower = nn.Sequential(
         nn.Conv2d(3, 32, 3, 2, 1), nn.GELU(), nn.Conv2d(32, 64, 3, 2, 1), nn.GELU(),
@@ -253,41 +258,49 @@ def train_text(towers, tokenizers, prompts, steps, work, resume):
     st = Stage("text", work, modules, adamw(params, LR["text"]), steps)
     if resume:
         st.resume()
+    neighbours = [[] for _ in prompts]
+    for ij in one_attribute_pairs(prompts).values():
+        for i, j in ij:
+            neighbours[i].append(j)
+            neighbours[j].append(i)
     while not st.done():
         rng, _ = generators("text", st.step)
-        metas = tag_balanced(prompts, BATCH["text"], rng)
+        picks = tag_balanced(prompts, BATCH["text"], rng)
+        metas = [prompts[i] for i in picks]
+        near = [prompts[neighbours[i][rng.integers(len(neighbours[i]))]]["prompt"] for i in picks]
         images = world.render_batch(metas, rng)
         img = image_tower(images * 2 - 1).split([CLIP_L["projection_dim"], CLIP_G["projection_dim"]], -1)
         ids = [m["prompt"] for m in metas]
         same = torch.tensor([[a == b for b in ids] for a in ids], dtype=torch.float32)
         targets, slots = same / same.sum(1, keepdim=True), slot_targets(metas)
-        contrastive = aux = 0.0
+        contrastive = aux = spread = 0.0
         for tower, tok, emb, head in zip(towers, tokenizers, img, heads):
-            tokens = tok(ids, padding="max_length", max_length=TOKEN_LENGTH, truncation=True, return_tensors="pt")
-            txt = F.normalize(tower(input_ids=tokens["input_ids"]).text_embeds, dim=-1)
+            tokens = tok(ids + near, padding="max_length", max_length=TOKEN_LENGTH, truncation=True,
+                         return_tensors="pt")
+            txt, txt_near = F.normalize(tower(input_ids=tokens["input_ids"]).text_embeds, dim=-1).chunk(2)
+            spread = spread + F.relu((txt * txt_near).sum(-1) - SPREAD_MAX).mean()
             logits = scale.logit.exp().clamp(max=100) * txt @ F.normalize(emb, dim=-1).T
             contrastive = contrastive + (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
             for k, w in enumerate(head):
                 aux = aux + F.cross_entropy(AUX_SCALE * txt @ F.normalize(w, dim=-1).T, slots[:, k]) / len(SLOTS)
-        loss = contrastive + AUX_WEIGHT * aux
+        loss = contrastive + AUX_WEIGHT * aux + SPREAD_WEIGHT * spread
         cosine_lr(st.opt, st.step, steps, LR["text"], WARMUP["text"])
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
         st.opt.step()
         st.step += 1
         if st.step % 100 == 0 or st.done():
-            log(f"text {st.step:5d}/{steps} contrastive loss {contrastive.item():.4f} attributes {aux.item():.4f}")
+            log(f"text {st.step:5d}/{steps} contrastive loss {contrastive.item():.4f} attributes {aux.item():.4f} "
+                f"spread {spread.item():.4f}")
         if st.step % SAVE_EVERY == 0 or st.done():
             st.save()
     for tower in towers:
         tower.eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def tower_pairs(text, rows=None):
-    """{tower: {attribute: (max, mean) pooled cosine}} over every pair of world prompts of one tag that differ in one
-    attribute: shape, colour, count, relation, or order (the same words, the two objects swapped)."""
-    rows = rows or world.make_prompts()
+def one_attribute_pairs(rows):
+    """{kind: [(i, j), ...]}: pairs of prompts of one tag that differ in one attribute (shape, colour, count,
+    relation) or only in word order (the same words, the two objects swapped)."""
     slots = [prompt_slots(m) for m in rows]
     kinds = {"first": "shape", "second": "shape", "first_color": "colour", "second_color": "colour",
              "count": "count", "relation": "relation"}
@@ -303,6 +316,14 @@ def tower_pairs(text, rows=None):
             kind = kinds[diff[0]] if len(diff) == 1 else "order" if swapped else None
             if kind:
                 pairs.setdefault(kind, []).append((i, j))
+    return pairs
+
+
+@torch.no_grad()
+def tower_pairs(text, rows=None):
+    """{tower: {kind: (max, mean) pooled cosine}} over one_attribute_pairs of every world prompt (held-out ones too)."""
+    rows = rows or world.make_prompts()
+    pairs = one_attribute_pairs(rows)
     prompts = [m["prompt"] for m in rows]
     out = {}
     for name, tower, tok in (("clip_l", text.clip_l, text.tokenizer_l), ("clip_g", text.clip_g, text.tokenizer_g)):
@@ -311,8 +332,7 @@ def tower_pairs(text, rows=None):
         out[name] = {}
         for kind, ij in pairs.items():
             i, j = torch.tensor(ij).T
-            cos = (z[i] * z[j]).sum(-1)
-            out[name][kind] = (cos.max().item(), cos.mean().item())
+            out[name][kind] = ((z[i] * z[j]).sum(-1).max().item(), (z[i] * z[j]).sum(-1).mean().item())
     return out
 
 

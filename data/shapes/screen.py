@@ -186,14 +186,25 @@ def plot(curves, path, size=(720, 300)):
     img.save(path)
 
 
+def towers():
+    """The shared towers' one-attribute cosine table (pretrain.tower_pairs), as --evaluate prints it."""
+    _, text = shared_stages()
+    for tower, kinds in P.tower_pairs(text).items():
+        print(f"{tower} pooled cosine of prompts one attribute apart, max (mean): "
+              + " ".join(f"{k} {hi:.3f} ({mean:.3f})" for k, (hi, mean) in kinds.items()))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--report", action="store_true", help="only print the table and draw the curves")
+    ap.add_argument("--towers", action="store_true", help="only print the shared towers' one-attribute cosines")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     if args.report:
         return report()
+    if args.towers:
+        return towers()
     torch.set_num_threads(args.threads)
     vae, text = shared_stages()
     for name in args.variants:
