@@ -1238,6 +1238,31 @@ def parse_spec(spec) -> dict[str, float]:
     return out
 
 
+def known_path_keys() -> list[str]:
+    """The keys `paths` may hold: every weight key (WEIGHT_SOURCES, and those registered rewards and detectors
+    need) and every reward or detector name (the one-folder-per-reward shortcut), sorted."""
+    keys = set(WEIGHT_SOURCES) | set(REWARDS) | set(DETECTORS)
+    for needed in (*REQUIRED_PATHS.values(), *DETECTOR_PATHS.values()):
+        keys.update(needed)
+    return sorted(keys)
+
+
+def check_reward_paths(paths) -> None:
+    """Check a `reward_paths` dict on its own, loading nothing: every key known (ValueError naming the key and
+    listing the known ones: a typo such as "clipl" would otherwise be ignored), every value a str (TypeError) naming
+    a path that exists (FileNotFoundError), each naming the key. check_paths then checks what a spec needs."""
+    if not isinstance(paths, dict):
+        raise TypeError(f"reward_paths must be a dict {{key: local path}}, got {type(paths).__name__} {paths!r}")
+    known = known_path_keys()
+    for key, path in paths.items():
+        if key not in known:
+            raise ValueError(f"reward_paths: unknown key {key!r}; the known keys are {', '.join(known)}")
+        if not isinstance(path, str):
+            raise TypeError(f"reward_paths[{key!r}] must be a str path, got {type(path).__name__} {path!r}")
+        if not path or not os.path.exists(path):
+            raise FileNotFoundError(f"reward_paths[{key!r}] = {path!r} does not exist")
+
+
 def check_paths(spec, paths: dict | None) -> dict[str, str]:
     """Validate a spec and resolve every local path it needs, loading nothing (for config checks).
     Returns {key: resolved path}; raises ValueError (spec) or FileNotFoundError (paths) like build()."""

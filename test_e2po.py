@@ -1907,6 +1907,20 @@ def test_reward_spec_and_path_errors(tiny_rewards, tmp_path):
         fn(torch.rand(3, 32, 32), PROMPTS, None)
 
 
+def test_reward_check_reward_paths_names_the_bad_key(tmp_path):
+    reward.check_reward_paths({})
+    reward.check_reward_paths({"clip_l": str(tmp_path), "geneval": str(tmp_path), "grounding_dino": str(tmp_path)})
+    with pytest.raises(ValueError, match=r"unknown key 'clipl'; the known keys are .*clip_l.*pickscore_processor"):
+        reward.check_reward_paths({"clipl": "/tmp"})
+    with pytest.raises(TypeError, match=r"reward_paths\['clip_l'\] must be a str path, got int 3"):
+        reward.check_reward_paths({"clip_l": 3})
+    with pytest.raises(FileNotFoundError, match=r"reward_paths\['pickscore'\] = .*nope' does not exist"):
+        reward.check_reward_paths({"pickscore": str(tmp_path / "nope")})
+    with pytest.raises(TypeError, match="must be a dict"):
+        reward.check_reward_paths(["clip_l"])
+    assert "shapes" in reward.known_path_keys()          # a registered reward's name is a shortcut key too
+
+
 def test_reward_thread_safety(tiny_rewards):
     fn = reward.build({"pickscore": 1.0, "clipscore": 1.0, "geneval": 1.0}, tiny_rewards)
     batches = [(_images(10 + i), PROMPTS, META) for i in range(4)]
