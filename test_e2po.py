@@ -2784,6 +2784,7 @@ BAD_SETTINGS = [   # (overrides, world size, the error's pattern)
     ({"rho": 1.5}, 1, "rho must be in"),
     ({"beta2": 1.0}, 1, "beta2 must be in"),
     ({"mmdit_dtype": "float16"}, 1, "mmdit_dtype='float16' needs autocast"),
+    ({"reward_paths": {"clipl": "/tmp"}}, 1, "unknown key 'clipl'; the known keys are .*clip_l"),
 ]
 
 

@@ -642,11 +642,9 @@ def validate_config(cfg, world_size):
             importlib.import_module(cfg.reward_module)
         except ImportError as e:
             bad(f"reward_module {cfg.reward_module!r} cannot be imported ({e})")
+    R.check_reward_paths(cfg.reward_paths)      # every key known (after reward_module registered its own), every path there
     for spec_key in ("reward", "eval_reward"):   # reward.py's own check: its path shortcuts, files and repo ids
         R.check_paths(parse_reward_spec(getattr(cfg, spec_key) or cfg.reward), cfg.reward_paths)
-    for name, path in cfg.reward_paths.items():
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"config: reward_paths[{name!r}] = {path!r} does not exist")
     cfg.train_items = read_prompts(cfg.train_prompts)
     cfg.eval_items = read_prompts(cfg.eval_prompts) if cfg.eval_every > 0 else []
     if cfg.eval_num_prompts:
