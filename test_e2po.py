@@ -2731,6 +2731,19 @@ def test_train_configurator_file_and_overrides(tmp_path):
         configurator.configure(defaults, ["nope.py"])
 
 
+def test_train_configurator_helpers_imports_and_loop_variables_are_not_settings(tmp_path):
+    defaults = {"lr": 1e-3, "steps": 10, "name": "a", "sizes": ()}
+    f = tmp_path / "helpers.py"
+    f.write_text("from math import pi\nimport os\n\ndef double(x):\n    return 2 * x\n\nclass Box:\n    pass\n\n"
+                 "sizes = ()\nfor k in range(3):\n    sizes += (double(k),)\nif pi > 3:\n    steps = double(10)\n"
+                 "lr = pi / 1e4\n_scratch = [1, 2]\nhelper = double\n")
+    assert configurator.configure(defaults, [str(f)]) == {"lr": math.pi / 1e4, "steps": 20, "name": "a",
+                                                          "sizes": (0, 2, 4)}
+    f.write_text("for k in range(3):\n    pass\nk2 = k\n")       # an assigned name still counts, and is checked
+    with pytest.raises(ValueError, match="unknown config key 'k2'"):
+        configurator.configure(defaults, [str(f)])
+
+
 def test_train_presets_apply_and_shapes_equals_defaults():
     defaults = train.config_defaults()
     assert configurator.configure(defaults, [os.path.join(REPO, "config", "shapes.py")]) == defaults
