@@ -759,6 +759,18 @@ def test_perturb_prompt_cosines_match_the_pooled_slice_and_the_cli_prints_them(t
     assert "cos between the original prompts" in out and f"  [0] 1.000 {cos[0, 1].item():.3f}" in out
 
 
+def test_perturb_cli_user_errors_are_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    import perturb
+    monkeypatch.setattr(perturb, "load_text_encoders", lambda *a, **k: pytest.fail("loaded"))
+    for argv, message in ((["--weights", str(tmp_path / "none")], "is not a folder"),
+                          (["--weights", str(tmp_path), "--steps", "-1"], "invalid settings: steps=-1"),
+                          (["--weights", str(tmp_path), "--encoders", "t5"], "encoders must be")):
+        with pytest.raises(SystemExit) as e:
+            perturb.main(["--prompt", "a red circle"] + argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("perturb.py: error: ") and message in err and err.count("\n") == 1
+
+
 def test_perturb_loss_decreases_and_reaches_anchor_band(text_stack):
     # A setting where the band is the optimum: Eq. 12 is an L1 term (slope 1 per variant), so it holds the variants at
     # cos μ−ε only while λ_div·2μ/(K−2) < 1 (see perturb.py); with Table 3's λ_div = 50 diversity wins until the
@@ -1258,15 +1270,18 @@ def test_sample_cli_writes_images(tmp_path, capsys, monkeypatch):
     assert names == ["grid.png", "k0_g0.png", "k0_g1.png", "k1_g0.png", "k1_g1.png"]
     assert Image.open(out / "k0_g0.png").size == (8, 8)             # native size: sample_size 4 × VAE factor 2
     assert Image.open(out / "grid.png").size == (16, 16)            # 2 variants side by side, 2 noises
-    with pytest.raises(FileNotFoundError, match="weights"):
-        S.main(["--prompt", "x", "--weights", str(tmp_path / "missing")])
-    with pytest.raises(ValueError, match="prompt"):
-        S.main(["--prompt", "  ", "--weights", str(tmp_path / "root")])
+    capsys.readouterr()
     (tmp_path / "afile").write_text("x")
     loads = []
-    monkeypatch.setattr(model, "load_mmdit", lambda *a, **k: loads.append(1))      # the check comes before loading
-    with pytest.raises(NotADirectoryError, match="afile is a file"):
-        S.main(["--prompt", "x", "--weights", str(tmp_path / "root"), "--out", str(tmp_path / "afile")])
+    monkeypatch.setattr(model, "load_mmdit", lambda *a, **k: loads.append(1))      # the checks come before loading
+    for argv, message in ((["--weights", str(tmp_path / "missing")], "--weights not found"),
+                          (["--prompt", "  ", "--weights", str(tmp_path / "root")], "--prompt is empty"),
+                          (["--weights", str(tmp_path / "root"), "--out", str(tmp_path / "afile")], "afile is a file"),
+                          (["--weights", str(tmp_path / "root"), "--solver", "sde", "--eta", "5"], "--eta 5.0 is above")):
+        with pytest.raises(SystemExit) as e:      # a user error: one line, status 2, no traceback (user_errors)
+            S.main(["--prompt", "x"] + argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("sample.py: error: ") and message in err and err.count("\n") == 1
     assert not loads
 
 
@@ -1393,6 +1408,25 @@ def test_sample_sde_solver_is_sde_step_and_records_its_trajectory():
     assert (win.trajectory[:, 3] - ode.trajectory[:, 3]).abs().mean() > 1e-2
     finite = ~win.log_probs.isnan()
     assert finite[:, [2, 3]].all() and not finite[:, [0, 1, 4, 5]].any()
+
+
+def test_sample_max_stable_eta_is_where_the_sde_mean_flips_the_latent():
+    """At η = the bound, the binding step's mean is −x (v = 0): the latent's coefficient reaches −1; below it stays
+    within (−1, 1), above it grows. At σ = 1 the bound is 2 whatever the grid."""
+    sig = S.sigma_schedule(10)
+    bound, (s, s_next) = S.max_stable_eta(sig)
+    assert 1.8 < bound < 1.9 and s < 1                           # the 10-step grid: its second step binds
+    x, zero = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.zeros(2, 4, 3, 3, dtype=torch.float64)
+    t = lambda v: torch.tensor([v] * 2, dtype=torch.float64)
+    for eta, coef in ((bound, -1.0), (0.7, None), (bound * 1.5, None)):
+        mean = S.sde_step(x, zero, t(s), t(s_next), eta, noise=zero)[2]
+        c = (mean / x).flatten().unique()
+        if coef is not None:
+            torch.testing.assert_close(c, torch.tensor([coef], dtype=torch.float64))
+        else:
+            assert (c.abs() < 1).all() if eta < bound else (c.abs() > 1).all()
+    assert S.max_stable_eta(sig, [(0, 1)])[0] == pytest.approx(2.0) == S.max_stable_eta(sig, [(0, 3)])[0]
+    assert S.max_stable_eta(sig, [(5, 7)])[0] < S.max_stable_eta(sig, [(5, 6)])[0]   # a merged step binds harder
 
 
 def test_sample_entropy_and_merge_plan():
