@@ -83,7 +83,7 @@ kept. resume=True into a folder with nothing at all is an error (a mistyped out_
 Divergence. sde_eta has an upper bound on the grid the run samples (sample.max_stable_eta): an SDE step multiplies
 the latent by 1 − η²·Δσ/(2(1 − σ)) in its mean, so past η = 2·√((1 − σ)/Δσ) (2 at σ = 1; 1.85 on the 10-step grid,
 where the second step binds) every step amplifies it and the rollouts diverge; validate_config checks it on the
-steps each method takes (Flow-GRPO's or its window's, E-GRPO's merged steps, train_solver / eval_solver = "sde"). It
+steps each method takes (Flow-GRPO's or its window's, E-GRPO's merged steps, nft's train_solver = "sde"). It
 is the explicit Euler stability bound of the discretisation: the continuous SDE has none, and below it a rollout can
 still diverge for other reasons (a diverged policy, a float16 overflow). So every rollout is also checked
 (check_finite): latents that are not finite or beyond ±LATENT_LIMIT, images or rewards that are not finite stop the run
@@ -614,9 +614,7 @@ def sde_transitions(cfg):
         out.append(("the rollouts' active steps (merged ones included)", T, [(i, i + l) for i, l in egrpo_plan(cfg)]))
     elif cfg.train_solver == "sde":
         out.append(("train_solver='sde'", T, None))
-    if cfg.eval_solver == "sde" and cfg.eval_every > 0:
-        out.append(("eval_solver='sde'", cfg.eval_sample_steps, None))
-    return out
+    return out       # (eval_solver="sde" samples at sample.ETA, not sde_eta)
 
 
 def check_sde_eta(cfg, bad):
@@ -1247,7 +1245,7 @@ def check_finite(run, step, slot, group):
         if bad_weights:
             cause = (f"the LoRA weights of {bad_weights} are not finite (an update diverged): lower learning_rate "
                      "or grad_clip")
-        elif sde_transitions(cfg) and (cfg.method in GRPO_METHODS or cfg.train_solver == "sde"):
+        elif sde_transitions(cfg):                   # the rollouts sample an SDE at sde_eta
             cause = (f"the SDE sampler diverged at sde_eta={cfg.sde_eta} (the weights are finite): lower sde_eta "
                      "(sample.max_stable_eta bounds it per step)")
         elif cfg.dtype != "float32":
