@@ -81,8 +81,8 @@ with completed steps but no checkpoint yet (save_every) is refused either way: n
 kept. resume=True into a folder with nothing at all is an error (a mistyped out_dir).
 
 Divergence. sde_eta has an upper bound on the grid the run samples (sample.max_stable_eta): an SDE step multiplies
-the latent by 1 − η²·Δσ/(2(1 − σ)) in its mean, so past η = 2·√((1 − σ)/Δσ) (2 at σ = 1; 1.85 on the 10-step grid,
-where the second step binds) every step amplifies it and the rollouts diverge; validate_config checks it on the
+the latent by 1 − η²·Δσ/(2(1 − σ)) in its mean, so past η = 2·√((1 − σ)/Δσ) (2 at σ = 1; 1.85 on the 10-step
+grid, where the second step binds) every step amplifies it and the rollouts diverge; validate_config checks it on the
 steps each method takes (Flow-GRPO's or its window's, E-GRPO's merged steps, nft's train_solver = "sde"). It
 is the explicit Euler stability bound of the discretisation: the continuous SDE has none, and below it a rollout can
 still diverge for other reasons (a diverged policy, a float16 overflow). So every rollout is also checked
@@ -262,8 +262,8 @@ CONFIG_KEYS = [k for k, v in globals().items()
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 ADV_EPS = 1e-4              # DiffusionNFT: (R − mean) / (std + 1e-4)
-LATENT_LIMIT = 1e4          # rollout latents beyond this are a diverged sampler (model-space latents are O(1): the VAE's
-                            # scaling makes them unit-variance, the noise starts at N(0, 1)); check_finite stops there
+LATENT_LIMIT = 1e4          # rollout latents beyond this are a diverged sampler (model-space latents are O(1): the
+                            # VAE's scaling makes them unit-variance, the noise starts at N(0, 1)); check_finite stops
 ZERO_ADV = 1e-8             # GRPO drops samples with |A| at most this (a group of equal rewards: 0 up to rounding)
 GRPO_METHODS = ("flow_grpo", "e_grpo")
 METHODS = ("nft",) + GRPO_METHODS
@@ -625,9 +625,10 @@ def check_sde_eta(cfg, bad):
             continue
         bound, (s, s_next) = sample.max_stable_eta(sample.sigma_schedule(T), steps)
         if cfg.sde_eta > bound:
+            c_x = 1 - cfg.sde_eta ** 2 * (s - s_next) / (2 * (1 - (s_next if s == 1 else s)))
             bad(f"sde_eta={cfg.sde_eta} is above {bound:.3g}, the most the SDE step σ={s:.4g} → {s_next:.4g} of "
                 f"{what} ({T} steps) takes: its mean multiplies the latent by 1 − η²·Δσ/(2(1 − σ)) = "
-                f"{1 - cfg.sde_eta ** 2 * (s - s_next) / (2 * (1 - (s_next if s == 1 else s))):.3g}, more than 1 in size, "
+                f"{c_x:.3g}, more than 1 in size, "
                 f"so the rollouts diverge (sample.max_stable_eta); use sde_eta <= {math.floor(bound * 100) / 100}")
 
 
@@ -690,7 +691,7 @@ def run_marks(out_dir):
     """What makes out_dir a run: a checkpoint, the final LoRA files, or a log with a completed step (a line that is
     not the step-0 evaluation; an unreadable line counts too). config.json and a log with at most the step-0 line
     are what a run killed before its first completed step leaves: not a run."""
-    marks = [f for f in RUN_FILES if f != "config.json" and f != "log.jsonl" and os.path.exists(os.path.join(out_dir, f))]
+    marks = [f for f in RUN_FILES if f not in ("config.json", "log.jsonl") and os.path.exists(os.path.join(out_dir, f))]
     log = os.path.join(out_dir, "log.jsonl")
     if os.path.isfile(log):
         with open(log, errors="replace") as f:
@@ -822,7 +823,7 @@ def validate_config(cfg, world_size, lock=False):
             importlib.import_module(cfg.reward_module)
         except ImportError as e:
             bad(f"reward_module {cfg.reward_module!r} cannot be imported ({e})")
-    R.check_reward_paths(cfg.reward_paths)      # every key known (after reward_module registered its own), every path there
+    R.check_reward_paths(cfg.reward_paths)       # known keys (reward_module's included), existing paths
     for spec_key in ("reward", "eval_reward"):   # reward.py's own check: its path shortcuts, files and repo ids
         R.check_paths(parse_reward_spec(getattr(cfg, spec_key) or cfg.reward), cfg.reward_paths)
     cfg.train_items = read_prompts(cfg.train_prompts)
@@ -1249,7 +1250,8 @@ def check_finite(run, step, slot, group):
             cause = (f"the SDE sampler diverged at sde_eta={cfg.sde_eta} (the weights are finite): lower sde_eta "
                      "(sample.max_stable_eta bounds it per step)")
         elif cfg.dtype != "float32":
-            cause = f"the sampler overflowed under dtype={cfg.dtype!r} (the weights are finite): try 'bfloat16' or 'float32'"
+            cause = (f"the sampler overflowed under dtype={cfg.dtype!r} (the weights are finite): try 'bfloat16' "
+                     "or 'float32'")
         else:
             cause = "the sampler produced them from finite weights and noise (a bug: please report it)"
         n = (~ok.flatten(1)).any(1).sum().item()
