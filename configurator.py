@@ -4,7 +4,9 @@ Poor man's configurator, nanoGPT style, but a function instead of an exec'd snip
     python train.py config/geneval_k4.py --max_steps=10 --out_dir=out-k4
 
 Arguments are applied left to right: a path ending in `.py` is executed as Python and every
-top-level name it assigns (not starting with `_`) overrides that setting; `--key=value` overrides
+top-level name it assigns (`name = value`, also inside if / for / with blocks) overrides that setting, except
+private names (a leading `_`) and modules, functions and classes; names bound only by `import`, `def`, `class` or
+as a loop variable are not settings, so a config file may use helpers; `--key=value` overrides
 one setting, with the value parsed by `ast.literal_eval` (a bare word stays a string). Both are
 checked against the defaults: an unknown key or a value whose type differs from the default's is a
 ValueError / TypeError that names the key and where it came from. The one widening allowed is an
@@ -22,6 +24,7 @@ import ast
 import contextlib
 import os
 import sys
+import types
 
 USER_ERRORS = (ValueError, TypeError, OSError)   # what the checks raise: bad values, wrong types, missing files
 
@@ -60,18 +63,44 @@ def _parse_value(text):
         return text  # a bare word such as --reward=pickscore stays a string
 
 
+def assigned_names(tree):
+    """Names a module binds by an assignment statement (=, +=, x: T = ..., :=) at its top level, inside if / for /
+    while / with / try blocks too, but not inside a def, class or lambda: a config file's candidate settings. Names
+    bound only by import, def, class, a for loop's target, `with ... as` or `except ... as` are not among them."""
+    names = []
+
+    def visit(node):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            return
+        targets = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign, ast.NamedExpr)):
+            targets = [node.target]
+        for target in targets:
+            names.extend(n.id for n in ast.walk(target) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return list(dict.fromkeys(names))
+
+
 def apply_file(config, path):
-    """Execute a config file and apply the names it assigns (checked against `config`)."""
+    """Execute a config file and apply the names it assigns (checked against `config`). A setting is a name bound
+    by an assignment (assigned_names) that does not start with "_" and whose value is not a module, function or
+    class: `from math import pi`, `import os`, a helper `def`, a loop variable and `_tmp = ...` are not settings."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
     scope = {}
     with open(path) as f:
-        code = compile(f.read(), path, "exec")
-    exec(code, scope)
-    for key, value in scope.items():
-        if key.startswith("_") or key == "__builtins__":
+        tree = ast.parse(f.read(), path)
+    exec(compile(tree, path, "exec"), scope)
+    for key in assigned_names(tree):
+        if key.startswith("_") or key not in scope:
             continue
-        if type(value).__name__ == "module":  # `import math` in a config file is fine
+        value = scope[key]
+        if isinstance(value, (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)):
             continue
         config[key] = _check(key, value, config, path)
     return config

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from configurator import user_errors
 from model import DEFAULT_WEIGHTS, load_text_encoders
 
 NUM_VARIANTS = 12     # K, counts the original prompt (K = 1: the DiffusionNFT baseline, no perturbation)
@@ -148,6 +149,19 @@ def _optimize(te, state, idx, encoders, steps, lr, delta_max, lambda_div, mu, ep
     return {name: (torch.stack(d), torch.stack(a)) for name, (d, a) in hist.items()}
 
 
+def check_settings(prompts, num_variants, encoders, steps, lr, sigma_init, delta_max, eps):
+    """learn_perturbations' own checks, callable before the text encoders load (the CLI does): ValueError."""
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of strings")
+    if int(num_variants) != num_variants or num_variants < 1:
+        raise ValueError(f"num_variants must be an integer >= 1 (K counts the original), got {num_variants}")
+    if not encoders or len(set(encoders)) != len(encoders) or not set(encoders) <= {"clip_l", "clip_g"}:
+        raise ValueError(f"encoders must be a non-empty subset of ('clip_l', 'clip_g'), got {encoders}")
+    if steps < 0 or lr <= 0 or sigma_init < 0 or delta_max <= 0 or eps < 0:
+        raise ValueError(f"invalid settings: steps={steps}, lr={lr}, sigma_init={sigma_init}, "
+                         f"delta_max={delta_max}, eps={eps}")
+
+
 def learn_perturbations(text_encoders, prompts, num_variants=NUM_VARIANTS, steps=STEPS, lr=LR, sigma_init=SIGMA_INIT,
                         delta_max=DELTA_MAX, lambda_div=LAMBDA_DIV, mu=MU, eps=EPS, encoders=ENCODERS, seed=SEED):
     """Learn K−1 = num_variants−1 perturbations per prompt -> Perturbed(context (P,K,S,D), pooled (P,K,p), stats).
@@ -163,15 +177,7 @@ def learn_perturbations(text_encoders, prompts, num_variants=NUM_VARIANTS, steps
         prompts = [prompts]
     prompts = list(prompts)
     encoders = tuple(encoders)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a non-empty list of strings")
-    if int(num_variants) != num_variants or num_variants < 1:
-        raise ValueError(f"num_variants must be an integer >= 1 (K counts the original), got {num_variants}")
-    if not encoders or len(set(encoders)) != len(encoders) or not set(encoders) <= {"clip_l", "clip_g"}:
-        raise ValueError(f"encoders must be a non-empty subset of ('clip_l', 'clip_g'), got {encoders}")
-    if steps < 0 or lr <= 0 or sigma_init < 0 or delta_max <= 0 or eps < 0:
-        raise ValueError(f"invalid settings: steps={steps}, lr={lr}, sigma_init={sigma_init}, "
-                         f"delta_max={delta_max}, eps={eps}")
+    check_settings(prompts, num_variants, encoders, steps, lr, sigma_init, delta_max, eps)
     t0 = time.perf_counter()
     te = text_encoders
     P, M = len(prompts), int(num_variants) - 1
@@ -268,14 +274,15 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     weights = args.weights or DEFAULT_WEIGHTS
-    if not os.path.isdir(weights):
-        if args.weights is None:
-            print(f"error: the default world's encoders ({DEFAULT_WEIGHTS}) are not there yet; build them with "
-                  f"`python data/shapes/pretrain.py`, or pass --weights PATH (a pipeline root or text_encoders/ "
-                  f"folder)", file=sys.stderr)
-        else:
-            print(f"error: --weights {weights} is not a folder", file=sys.stderr)
-        return 2
+    with user_errors("perturb.py"):      # a mistake in the arguments: one line, exit status 2
+        if not os.path.isdir(weights):
+            if args.weights is None:
+                raise FileNotFoundError(f"the default world's encoders ({DEFAULT_WEIGHTS}) are not there yet; build "
+                                        "them with `python data/shapes/pretrain.py`, or pass --weights PATH (a "
+                                        "pipeline root or text_encoders/ folder)")
+            raise NotADirectoryError(f"--weights {weights} is not a folder")
+        check_settings(args.prompt, args.num_variants, tuple(args.encoders.split(",")), args.steps, args.lr,
+                       args.sigma_init, args.delta_max, args.eps)
     te = load_text_encoders(weights, dtype=getattr(torch, args.dtype), device=args.device, t5=args.t5)
     out = learn_perturbations(te, args.prompt, num_variants=args.num_variants, steps=args.steps, lr=args.lr,
                               sigma_init=args.sigma_init, delta_max=args.delta_max, lambda_div=args.lambda_div,

@@ -66,6 +66,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from configurator import user_errors
+
 # -----------------------------------------------------------------------------
 # defaults
 NUM_TRAIN_TIMESTEPS = 1000   # SD3.5 scheduler config
@@ -197,6 +199,26 @@ def sde_step(x, v, sigma, sigma_next, eta, prev_sample=None, noise=None):
     log_prob = (-((target - mean) ** 2) / (2 * view(step_std) ** 2) - torch.log(view(step_std))
                 - 0.5 * math.log(2 * math.pi))
     return prev_sample, log_prob.mean(tuple(range(1, x.ndim))), mean, std_dev.to(dtype)
+
+
+def max_stable_eta(sigmas, steps=None):
+    """The largest η for which every sde_step on `steps` leaves the latent's own coefficient in the mean within
+    [−1, 1] (the explicit Euler stability bound of the SDE's drift): (bound, the binding step (σ, σ')).
+        c_x = 1 + s_t²·dt/(2σ) = 1 − η²·(σ − σ')/(2(1 − σ))   (σ = 1: 1 − η²/2, whatever σ')
+        |c_x| ≤ 1  ⇔  η ≤ 2·√((1 − σ)/(σ − σ'))              (σ = 1: η ≤ 2)
+    Beyond it each such step multiplies x by |c_x| > 1 with a flipped sign, and the rollouts grow geometrically (at
+    η = 5 on the 10-step grid the latents reach 1e7, inf at larger η). The continuous SDE has no such limit; the
+    bound belongs to the grid (longer steps, e.g. E-GRPO's merged ones, bind harder). steps: [(i, j), ...], the
+    SDE transitions σ_i → σ_j taken; None = every step but the last (which the samplers take deterministically)."""
+    sig = [float(s) for s in sigmas]
+    if steps is None:
+        steps = [(i, i + 1) for i in range(len(sig) - 2)]
+    best = (math.inf, None)
+    for i, j in steps:
+        s, s_next = sig[i], sig[j]
+        den = 1 - (s_next if s == 1.0 else s)
+        best = min(best, (2 * math.sqrt(den / (s - s_next)), (s, s_next)), key=lambda b: b[0])
+    return best
 
 
 def entropy_power(sigma, sigma_next, eta):
@@ -613,33 +635,40 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
 
-    # validate before loading anything
-    if not args.prompt.strip():
-        raise ValueError("--prompt is empty")
-    if args.num_images < 1 or args.num_variants < 1 or args.steps < 1:
-        raise ValueError("--num_images, --num_variants and --steps must be >= 1")
-    if args.num_variants > 1 and args.guidance_scale != 1.0:
-        raise ValueError("--num_variants > 1 samples without CFG (as E²PO does); leave --guidance_scale at 1")
-    model_lib = _load_model_lib()
-    weights = Path(args.weights or model_lib.DEFAULT_WEIGHTS)
-    if not weights.exists():
-        if args.weights is None:
-            raise FileNotFoundError(f"the default world's model is missing: {weights} (build it with "
-                                    f"`python data/shapes/pretrain.py`, or pass --weights)")
-        raise FileNotFoundError(f"--weights not found: {weights}")
-    te_path = Path(args.text_encoders) if args.text_encoders else weights
-    if not te_path.is_dir():
-        raise ValueError(f"text encoders need a pipeline root folder (text_encoder/, tokenizer/…); "
-                         f"{te_path} is not one: pass --text_encoders")
-    if args.lora and not Path(args.lora).is_file():
-        raise FileNotFoundError(f"--lora not found: {args.lora}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise PermissionError(f"--out {out} is not writable")
-    size = args.size or model_lib.native_size(weights) or 512
+    # validate before loading anything: a mistake here prints one line and exits 2 (configurator.user_errors)
+    with user_errors("sample.py"):
+        if not args.prompt.strip():
+            raise ValueError("--prompt is empty")
+        if args.num_images < 1 or args.num_variants < 1 or args.steps < 1:
+            raise ValueError("--num_images, --num_variants and --steps must be >= 1")
+        if args.num_variants > 1 and args.guidance_scale != 1.0:
+            raise ValueError("--num_variants > 1 samples without CFG (as E²PO does); leave --guidance_scale at 1")
+        model_lib = _load_model_lib()
+        weights = Path(args.weights or model_lib.DEFAULT_WEIGHTS)
+        if not weights.exists():
+            if args.weights is None:
+                raise FileNotFoundError(f"the default world's model is missing: {weights} (build it with "
+                                        f"`python data/shapes/pretrain.py`, or pass --weights)")
+            raise FileNotFoundError(f"--weights not found: {weights}")
+        te_path = Path(args.text_encoders) if args.text_encoders else weights
+        if not te_path.is_dir():
+            raise ValueError(f"text encoders need a pipeline root folder (text_encoder/, tokenizer/…); "
+                             f"{te_path} is not one: pass --text_encoders")
+        if args.lora and not Path(args.lora).is_file():
+            raise FileNotFoundError(f"--lora not found: {args.lora}")
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"--out {out} is a file, not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(f"--out {out} is not writable")
+        size = args.size or model_lib.native_size(weights) or 512
+        if args.solver == "sde" and args.steps > 1:
+            bound, (sig, sig_next) = max_stable_eta(sigma_schedule(args.steps))
+            if args.eta > bound:
+                raise ValueError(f"--eta {args.eta} is above {bound:.3g}, the most the SDE step σ={sig:.4g} → "
+                                 f"{sig_next:.4g} of {args.steps} steps takes before the samples diverge "
+                                 "(sample.max_stable_eta)")
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -648,8 +677,10 @@ def main(argv=None):
     text = model_lib.load_text_encoders(te_path, device=device)   # T5 tokens: the pipeline's own (the world: 8 zeros)
     factor = vae.factor                                                       # 8 for SD3's VAE
     patch = getattr(getattr(mmdit, "cfg", None), "patch_size", 2)
-    if size % (factor * patch):
-        raise ValueError(f"--size must be a multiple of {factor * patch} (VAE factor {factor} × patch {patch}), got {size}")
+    with user_errors("sample.py"):      # the model's own factor, known once it has loaded
+        if size % (factor * patch):
+            raise ValueError(f"--size must be a multiple of {factor * patch} (VAE factor {factor} × patch {patch}), "
+                             f"got {size}")
     adapter = None
     if args.lora:
         model_lib.load_lora(mmdit, args.lora, adapter="policy")

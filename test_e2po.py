@@ -759,6 +759,18 @@ def test_perturb_prompt_cosines_match_the_pooled_slice_and_the_cli_prints_them(t
     assert "cos between the original prompts" in out and f"  [0] 1.000 {cos[0, 1].item():.3f}" in out
 
 
+def test_perturb_cli_user_errors_are_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    import perturb
+    monkeypatch.setattr(perturb, "load_text_encoders", lambda *a, **k: pytest.fail("loaded"))
+    for argv, message in ((["--weights", str(tmp_path / "none")], "is not a folder"),
+                          (["--weights", str(tmp_path), "--steps", "-1"], "invalid settings: steps=-1"),
+                          (["--weights", str(tmp_path), "--encoders", "t5"], "encoders must be")):
+        with pytest.raises(SystemExit) as e:
+            perturb.main(["--prompt", "a red circle"] + argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("perturb.py: error: ") and message in err and err.count("\n") == 1
+
+
 def test_perturb_loss_decreases_and_reaches_anchor_band(text_stack):
     # A setting where the band is the optimum: Eq. 12 is an L1 term (slope 1 per variant), so it holds the variants at
     # cos μ−ε only while λ_div·2μ/(K−2) < 1 (see perturb.py); with Table 3's λ_div = 50 diversity wins until the
@@ -1258,15 +1270,18 @@ def test_sample_cli_writes_images(tmp_path, capsys, monkeypatch):
     assert names == ["grid.png", "k0_g0.png", "k0_g1.png", "k1_g0.png", "k1_g1.png"]
     assert Image.open(out / "k0_g0.png").size == (8, 8)             # native size: sample_size 4 × VAE factor 2
     assert Image.open(out / "grid.png").size == (16, 16)            # 2 variants side by side, 2 noises
-    with pytest.raises(FileNotFoundError, match="weights"):
-        S.main(["--prompt", "x", "--weights", str(tmp_path / "missing")])
-    with pytest.raises(ValueError, match="prompt"):
-        S.main(["--prompt", "  ", "--weights", str(tmp_path / "root")])
+    capsys.readouterr()
     (tmp_path / "afile").write_text("x")
     loads = []
-    monkeypatch.setattr(model, "load_mmdit", lambda *a, **k: loads.append(1))      # the check comes before loading
-    with pytest.raises(NotADirectoryError, match="afile is a file"):
-        S.main(["--prompt", "x", "--weights", str(tmp_path / "root"), "--out", str(tmp_path / "afile")])
+    monkeypatch.setattr(model, "load_mmdit", lambda *a, **k: loads.append(1))      # the checks come before loading
+    for argv, message in ((["--weights", str(tmp_path / "missing")], "--weights not found"),
+                          (["--prompt", "  ", "--weights", str(tmp_path / "root")], "--prompt is empty"),
+                          (["--weights", str(tmp_path / "root"), "--out", str(tmp_path / "afile")], "afile is a file"),
+                          (["--weights", str(tmp_path / "root"), "--solver", "sde", "--eta", "5"], "--eta 5.0 is above")):
+        with pytest.raises(SystemExit) as e:      # a user error: one line, status 2, no traceback (user_errors)
+            S.main(["--prompt", "x"] + argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("sample.py: error: ") and message in err and err.count("\n") == 1
     assert not loads
 
 
@@ -1393,6 +1408,25 @@ def test_sample_sde_solver_is_sde_step_and_records_its_trajectory():
     assert (win.trajectory[:, 3] - ode.trajectory[:, 3]).abs().mean() > 1e-2
     finite = ~win.log_probs.isnan()
     assert finite[:, [2, 3]].all() and not finite[:, [0, 1, 4, 5]].any()
+
+
+def test_sample_max_stable_eta_is_where_the_sde_mean_flips_the_latent():
+    """At η = the bound, the binding step's mean is −x (v = 0): the latent's coefficient reaches −1; below it stays
+    within (−1, 1), above it grows. At σ = 1 the bound is 2 whatever the grid."""
+    sig = S.sigma_schedule(10)
+    bound, (s, s_next) = S.max_stable_eta(sig)
+    assert 1.8 < bound < 1.9 and s < 1                           # the 10-step grid: its second step binds
+    x, zero = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.zeros(2, 4, 3, 3, dtype=torch.float64)
+    t = lambda v: torch.tensor([v] * 2, dtype=torch.float64)
+    for eta, coef in ((bound, -1.0), (0.7, None), (bound * 1.5, None)):
+        mean = S.sde_step(x, zero, t(s), t(s_next), eta, noise=zero)[2]
+        c = (mean / x).flatten().unique()
+        if coef is not None:
+            torch.testing.assert_close(c, torch.tensor([coef], dtype=torch.float64))
+        else:
+            assert (c.abs() < 1).all() if eta < bound else (c.abs() > 1).all()
+    assert S.max_stable_eta(sig, [(0, 1)])[0] == pytest.approx(2.0) == S.max_stable_eta(sig, [(0, 3)])[0]
+    assert S.max_stable_eta(sig, [(5, 7)])[0] < S.max_stable_eta(sig, [(5, 6)])[0]   # a merged step binds harder
 
 
 def test_sample_entropy_and_merge_plan():
@@ -2816,6 +2850,19 @@ def test_train_configurator_file_and_overrides(tmp_path):
         configurator.configure(defaults, ["nope.py"])
 
 
+def test_train_configurator_helpers_imports_and_loop_variables_are_not_settings(tmp_path):
+    defaults = {"lr": 1e-3, "steps": 10, "name": "a", "sizes": ()}
+    f = tmp_path / "helpers.py"
+    f.write_text("from math import pi\nimport os\n\ndef double(x):\n    return 2 * x\n\nclass Box:\n    pass\n\n"
+                 "sizes = ()\nfor k in range(3):\n    sizes += (double(k),)\nif pi > 3:\n    steps = double(10)\n"
+                 "lr = pi / 1e4\n_scratch = [1, 2]\nhelper = double\n")
+    assert configurator.configure(defaults, [str(f)]) == {"lr": math.pi / 1e4, "steps": 20, "name": "a",
+                                                          "sizes": (0, 2, 4)}
+    f.write_text("for k in range(3):\n    pass\nk2 = k\n")       # an assigned name still counts, and is checked
+    with pytest.raises(ValueError, match="unknown config key 'k2'"):
+        configurator.configure(defaults, [str(f)])
+
+
 def test_train_presets_apply_and_shapes_equals_defaults():
     defaults = train.config_defaults()
     assert configurator.configure(defaults, [os.path.join(REPO, "config", "shapes.py")]) == defaults
@@ -2869,6 +2916,7 @@ BAD_SETTINGS = [   # (overrides, world size, the error's pattern)
     ({"rho": 1.5}, 1, "rho must be in"),
     ({"beta2": 1.0}, 1, "beta2 must be in"),
     ({"mmdit_dtype": "float16"}, 1, "mmdit_dtype='float16' needs autocast"),
+    ({"reward_paths": {"clipl": "/tmp"}}, 1, "unknown key 'clipl'; the known keys are .*clip_l"),
 ]
 
 
@@ -2911,12 +2959,104 @@ def test_train_validation_files(tmp_path, tiny_root):
 
 
 def test_train_cli_rejects_before_loading(tmp_path):
-    """Unknown keys and impossible batches fail fast through the real entry point."""
+    """Unknown keys and impossible batches fail fast through the real entry point: one line, status 2."""
     out = subprocess.run([sys.executable, "train.py", "--num_seedz=3"], cwd=REPO, capture_output=True, text=True)
-    assert out.returncode != 0 and "unknown config key 'num_seedz'" in out.stderr
+    assert out.returncode == 2 and out.stderr.startswith("train.py: error: unknown config key 'num_seedz'")
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1
     out = subprocess.run([sys.executable, "train.py", "--weights=" + str(tmp_path / "nothing")], cwd=REPO,
                          capture_output=True, text=True)
-    assert out.returncode != 0 and "does not exist" in out.stderr
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_train_main_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "build_run", lambda *a: pytest.fail("a model loaded"))
+    for argv, message in ((["--num_seedz=3"], "unknown config key 'num_seedz'"),
+                          (["--method=flow_grpo", "--anchor=False"], "no sample would be left"),
+                          (["--method=flow_grpo", "--sde_eta=5.0"], "sde_eta=5.0 is above"),
+                          (["--reward_paths={'clipl': '/tmp'}"], "unknown key 'clipl'")):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv + [f"--out_dir={tmp_path / 'out'}", "--eval_every=0"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("train.py: error: ") and message in err and err.count("\n") == 1
+    monkeypatch.setattr(train, "build_run", lambda *a: (_ for _ in ()).throw(ValueError("a bug after the checks")))
+    with pytest.raises(ValueError, match="a bug after the checks"):       # not a user error: the traceback stays
+        train.main([f"--out_dir={tmp_path / 'out'}", "--eval_every=0"])
+    monkeypatch.setenv("E2PO_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="unknown config key"):
+        train.main(["--num_seedz=3"])
+    with pytest.raises(ValueError, match="no reward variance"):            # train() from Python raises, as before
+        train.train(tiny_config(tmp_path, tmp_path / "out", num_variants=1, num_seeds=1))
+
+
+def test_train_out_dir_is_checked_before_anything_loads(tmp_path, tiny_root, monkeypatch):
+    monkeypatch.setattr(train, "build_run", lambda *a: pytest.fail("a model loaded"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out_dir, message in (("", "out_dir is empty"), (afile, "is not a folder"),
+                             (afile / "sub", "cannot be created: .*afile is a file"),
+                             ("/proc/x", "out_dir '/proc/x'")):   # root may pass the permission check, not mkdir
+        with pytest.raises(OSError, match="config: .*" + message):
+            train.train(tiny_config(tiny_root, out_dir))
+    assert afile.read_text() == "x" and not os.path.exists("/proc/x")
+
+
+HOLD_LOCK = """import fcntl, os, sys, time
+os.makedirs(sys.argv[1], exist_ok=True)
+fd = os.open(os.path.join(sys.argv[1], ".lock"), os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, f"{os.getpid()}\\n".encode())
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_train_out_dir_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path, tiny_root, monkeypatch):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        monkeypatch.setattr(train, "build_run", lambda *a: pytest.fail("a model loaded"))
+        with pytest.raises(BlockingIOError, match=rf"out_dir '{out}' is in use by another run \(pid {holder.pid},"):
+            train.train(tiny_config(tiny_root, out))
+        assert sorted(os.listdir(out)) == [".lock"]
+    finally:
+        holder.kill()                       # SIGKILL: the OS drops its lock
+        holder.wait()
+    seen = {}
+
+    def check_held(cfg, world):             # while a run loads and trains, the lock is its own and held
+        seen["pid"] = (out / ".lock").read_text().strip()
+        with pytest.raises(BlockingIOError, match="in use by another run"):
+            train.lock_out_dir(str(out))
+        raise KeyboardInterrupt             # any exit releases it
+    monkeypatch.setattr(train, "build_run", check_held)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_config(tiny_root, out))
+    assert seen["pid"] == str(os.getpid())
+    os.close(train.lock_out_dir(str(out)))  # free again
+
+
+def test_train_out_dir_without_a_completed_step_is_not_a_run(tmp_path, tiny_root, capsys):
+    out = tmp_path / "killed"                # a run killed before its first step: config.json and an empty log
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "log.jsonl").write_text("")
+    assert train.validate_config(cfg_for(tmp_path, tiny_root, out_dir=str(out)), 1).checkpoint is None
+    assert "is not a run: a new run starts there" in capsys.readouterr().out
+    (out / "log.jsonl").write_text(json.dumps({"step": 0, "eval_reward": 0.1}) + "\n")   # the step-0 evaluation only
+    assert train.validate_config(cfg_for(tmp_path, tiny_root, out_dir=str(out), resume=True), 1).checkpoint is None
+    assert "no checkpoint and no completed step" in capsys.readouterr().out
+    run = train.train(tiny_config(tiny_root, out, resume=True, max_steps=1, eval_every=0, log_images_every=0))
+    assert [r["step"] for r in train.read_log(str(out / "log.jsonl"))] == [1] and (out / "ckpt.pt").is_file()
+    (out / "ckpt.pt").unlink()              # a completed step without a checkpoint is a run, with nothing to resume
+    for f in ("lora_policy.safetensors", "lora_ema.safetensors"):
+        (out / f).unlink()
+    with pytest.raises(FileExistsError, match="already holds a run .* without a checkpoint to continue from"):
+        train.validate_config(cfg_for(tmp_path, tiny_root, out_dir=str(out)), 1)
+    with pytest.raises(FileNotFoundError, match="stopped before its first checkpoint"):
+        train.validate_config(cfg_for(tmp_path, tiny_root, out_dir=str(out), resume=True), 1)
+    with pytest.raises(FileNotFoundError, match="resume=True but .*ckpt.pt does not exist$"):   # nothing at all
+        train.validate_config(cfg_for(tmp_path, tiny_root, out_dir=str(tmp_path / "typo"), resume=True), 1)
 
 
 def test_train_txt_prompts_fail_before_loading_when_the_score_needs_metadata(tiny_root, tmp_path):
@@ -3135,6 +3275,19 @@ def test_train_e2e_nonfinite_steps_skip_then_abort(tiny_root, tmp_path, monkeypa
     assert rows and all(r["skipped"] for r in rows)
     ad = adapters_of(tmp_path)["policy"]          # the step-1 checkpoint: the policy never moved
     assert all(v.abs().sum() == 0 for k, v in ad.items() if k.endswith("lora_B"))
+
+
+def test_train_rollouts_that_diverge_stop_the_run_naming_the_cause(tiny_root, tmp_path, monkeypatch):
+    over = dict(max_steps=1, eval_every=0, log_images_every=0)
+    monkeypatch.setattr(train, "check_sde_eta", lambda cfg, bad: None)      # η far past sample.max_stable_eta
+    with pytest.raises(RuntimeError, match=r"step 1, prompt slot 0: the rollout's latents are not finite \(or beyond "
+                                           r"±10000\) in 4 of 4 samples; the SDE sampler diverged at sde_eta=50.0"):
+        train.train(grpo_config(tiny_root, tmp_path / "eta", sde_eta=50.0, **over))
+    assert not (tmp_path / "eta" / "ckpt.pt").exists()
+    real = train.score                      # a reward function that returns NaN
+    monkeypatch.setattr(train, "score", lambda *a: ({k: v * float("nan") for k, v in real(*a)[0].items()}, 0.0))
+    with pytest.raises(RuntimeError, match="step 1: reward '.*' is not finite for 8 of 8 samples from finite images"):
+        train.train(tiny_config(tiny_root, tmp_path / "nan", **over))
 
 
 def test_train_grad_clip_zero_disables_clipping(tiny_root, tmp_path):
@@ -3417,6 +3570,12 @@ GRPO_BAD_SETTINGS = [
     ({**GRPO, "method": "e_grpo", "egrpo_tau": 0.0}, "egrpo_tau must be > 0"),
     ({**GRPO, "method": "e_grpo", "egrpo_tau": float("nan")}, "egrpo_tau=nan is not a finite number"),
     ({**GRPO, "method": "e_grpo", "egrpo_branch_steps": 8}, r"egrpo_branch_steps=8 must be in \[0, 7\]"),
+    ({**GRPO, "anchor": False}, r"method='flow_grpo' samples C_orig alone .*no sample would be left"),
+    ({**GRPO, "num_seeds": 1}, r"no reward variance: raise num_seeds \(method='flow_grpo' samples num_variants=1"),
+    ({**GRPO, "sde_eta": 5.0}, r"sde_eta=5.0 is above 1.85, .*σ=0.9601 → 0.9133 of the rollouts .*use sde_eta <= 1.84"),
+    ({**GRPO, "method": "e_grpo", "sde_eta": 5.0}, r"sde_eta=5.0 is above 1.85"),
+    ({**GRPO, "sde_window": 2, "sde_window_range": (4, 9), "sde_eta": 3.3}, r"sde_eta=3.3 is above 3.18"),  # the window's
+    ({"train_solver": "sde", "sde_eta": 2.0}, r"sde_eta=2.0 is above 1.85, .* of train_solver='sde'"),
 ]
 
 

@@ -68,6 +68,27 @@ Outputs (rank 0): out_dir/config.json, log.jsonl (one line per step), ckpt.pt (a
 (one rollout group: rows = variants, columns = seeds), samples/*.png (held-out prompts, EMA weights),
 curves.png, lora_policy.safetensors / lora_ema.safetensors (diffusers-loadable).
 
+out_dir (check_out_dir; the judgement calls). Every check runs before any model loads; `python train.py` prints a
+user error as one line and exits 2 (configurator.user_errors), while train() raises it. Then rank 0 creates out_dir and
+takes an exclusive fcntl.flock on out_dir/.lock (writing its pid there) before it looks inside or writes anything,
+and holds it to the end: a second run into the same out_dir is refused at once, naming that pid. The OS drops the
+lock when the process ends, however it ends (SIGKILL included), so a stale .lock never blocks; the file stays (deleting
+it would let two runs lock two different files). flock needs a filesystem that supports it (local disks; NFS emulates
+it). A folder is a run when it holds ckpt.pt, the final LoRA files, or a log.jsonl with a completed step. A run
+killed before its first completed step leaves config.json and an empty log (or only the step-0 evaluation): not a
+run, so a new run starts there (and replaces them), and --resume=True starts there from step 0; both say so. A run
+with completed steps but no checkpoint yet (save_every) is refused either way: nothing to resume, and its log is
+kept. resume=True into a folder with nothing at all is an error (a mistyped out_dir).
+
+Divergence. sde_eta has an upper bound on the grid the run samples (sample.max_stable_eta): an SDE step multiplies
+the latent by 1 − η²·Δσ/(2(1 − σ)) in its mean, so past η = 2·√((1 − σ)/Δσ) (2 at σ = 1; 1.85 on the 10-step
+grid, where the second step binds) every step amplifies it and the rollouts diverge; validate_config checks it on the
+steps each method takes (Flow-GRPO's or its window's, E-GRPO's merged steps, nft's train_solver = "sde"). It
+is the explicit Euler stability bound of the discretisation: the continuous SDE has none, and below it a rollout can
+still diverge for other reasons (a diverged policy, a float16 overflow). So every rollout is also checked
+(check_finite): latents that are not finite or beyond ±LATENT_LIMIT, images or rewards that are not finite stop the run
+with the likely cause, where it would otherwise log NaN losses, zero rewards and no update, and exit 0.
+
 Distributed: no DDP wrapper. Only the policy LoRA trains; the base is frozen and the "old"/"ema"
 adapters never get gradients, so after the last micro-step the policy gradients are averaged over
 ranks in one flat all-reduce (= DDP with no_sync on every micro-step but the last, without a wrapper
@@ -117,6 +138,7 @@ Where the GRPO methods depart from Flow-GRPO's code (scripts/train_sd3.py, confi
   (like the initial noise); a merge never reaches the final step; egrpo_branch_steps is ours (0 = the paper's all).
 """
 
+import fcntl
 import hashlib
 import importlib
 import json
@@ -139,7 +161,7 @@ import model as M
 import perturb
 import reward as R
 import sample
-from configurator import configure
+from configurator import configure, user_errors
 
 # -----------------------------------------------------------------------------
 # default config: the shapes world (config/shapes.py repeats these values)
@@ -242,6 +264,8 @@ CONFIG_KEYS = [k for k, v in globals().items()
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 ADV_EPS = 1e-4              # DiffusionNFT: (R − mean) / (std + 1e-4)
+LATENT_LIMIT = 1e4          # rollout latents beyond this are a diverged sampler (model-space latents are O(1): the
+                            # VAE's scaling makes them unit-variance, the noise starts at N(0, 1)); check_finite stops
 ZERO_ADV = 1e-8             # GRPO drops samples with |A| at most this (a group of equal rewards: 0 up to rounding)
 GRPO_METHODS = ("flow_grpo", "e_grpo")
 METHODS = ("nft",) + GRPO_METHODS
@@ -508,6 +532,24 @@ def check_numbers(cfg, bad):
         bad(f"timestep_fraction={cfg.timestep_fraction} leaves no training timestep of {cfg.train_sample_steps}")
 
 
+def check_group(cfg, bad):
+    """A group of at least 2 samples, with advice that fits the method (a GRPO method runs K = 1 unless
+    grpo_variants=True, so raising num_variants would change nothing there)."""
+    forced = cfg.method in GRPO_METHODS and not cfg.grpo_variants
+    if not cfg.anchor and cfg.num_variants < 2:
+        if forced:
+            bad(f"anchor=False drops C_orig from the group, and method={cfg.method!r} samples C_orig alone "
+                "(num_variants=1: grpo_variants=False), so no sample would be left: keep anchor=True, or add E²PO's "
+                "variants with grpo_variants=True and num_variants >= 2")
+        bad("anchor=False drops C_orig from the group, so it needs num_variants >= 2")
+    n_group = group_size(cfg)
+    if n_group < 2:
+        if forced:
+            bad(f"a group of {n_group} sample has no reward variance: raise num_seeds (method={cfg.method!r} samples "
+                "num_variants=1, the original prompt only, unless grpo_variants=True)")
+        bad(f"a group of {n_group} sample has no reward variance: raise num_variants or num_seeds")
+
+
 def check_method(cfg, bad):
     """The method and its own settings (Flow-GRPO, E-GRPO), before anything loads."""
     if cfg.method not in METHODS:
@@ -529,6 +571,7 @@ def check_method(cfg, bad):
         bad(f"grpo_clip_range must be > 0, got {cfg.grpo_clip_range}")
     if cfg.grpo_kl_beta < 0:
         bad(f"grpo_kl_beta must be >= 0, got {cfg.grpo_kl_beta}")
+    check_group(cfg, bad)             # before grpo_updates: a group of 0 or 1 has its own message
     if not 1 <= cfg.grpo_updates <= group_size(cfg):
         bad(f"grpo_updates={cfg.grpo_updates} must be in [1, the group of {group_size(cfg)}] (each update takes a "
             "slice of every group)")
@@ -562,19 +605,158 @@ def check_method(cfg, bad):
         bad(f"egrpo_branch_steps is E-GRPO's (method='e_grpo'); 0 for {cfg.method!r}")
 
 
-def check_out_dir(cfg):
-    """A new run never writes into another run's out_dir; a resumed run needs a readable checkpoint there, and
-    settings that define the run must match it (unless resume_override). Returns the checkpoint (or None)."""
-    found = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
-    if not cfg.resume:
-        if found:
-            raise FileExistsError(
-                f"config: out_dir {cfg.out_dir!r} already holds a run ({', '.join(found)}). Continue it with "
-                f"--resume=True, or start over with another --out_dir (or delete {cfg.out_dir} yourself); "
-                "nothing there was changed")
+def sde_transitions(cfg):
+    """[(what, grid size T, the SDE transitions [(i, j), ...] or None = every step but the last)] that this config
+    samples with sample.sde_step (η = sde_eta)."""
+    out, T = [], cfg.train_sample_steps
+    if cfg.method == "flow_grpo":
+        lo, hi = cfg.sde_window_range if cfg.sde_window else (0, T - 1)
+        out.append(("the rollouts", T, [(i, i + 1) for i in range(lo, hi)]))
+    elif cfg.method == "e_grpo":
+        out.append(("the rollouts' active steps (merged ones included)", T, [(i, i + l) for i, l in egrpo_plan(cfg)]))
+    elif cfg.train_solver == "sde":
+        out.append(("train_solver='sde'", T, None))
+    return out       # (eval_solver="sde" samples at sample.ETA, not sde_eta)
+
+
+def check_sde_eta(cfg, bad):
+    """sde_eta within sample.max_stable_eta on every SDE step this config takes (a larger η makes the rollouts grow
+    geometrically: the run would log NaN losses and zero rewards instead of learning)."""
+    for what, T, steps in sde_transitions(cfg):
+        if T < 2 or steps == []:
+            continue
+        bound, (s, s_next) = sample.max_stable_eta(sample.sigma_schedule(T), steps)
+        if cfg.sde_eta > bound:
+            c_x = 1 - cfg.sde_eta ** 2 * (s - s_next) / (2 * (1 - (s_next if s == 1 else s)))
+            bad(f"sde_eta={cfg.sde_eta} is above {bound:.3g}, the most the SDE step σ={s:.4g} → {s_next:.4g} of "
+                f"{what} ({T} steps) takes: its mean multiplies the latent by 1 − η²·Δσ/(2(1 − σ)) = "
+                f"{c_x:.3g}, more than 1 in size, "
+                f"so the rollouts diverge (sample.max_stable_eta); use sde_eta <= {math.floor(bound * 100) / 100}")
+
+
+LOCK_FILE = ".lock"          # out_dir/.lock: rank 0's flock for the whole run; it holds the holder's pid
+
+
+def out_dir_problem(path):
+    """Why `path` cannot be (or become) a folder this process writes into, or None; creates nothing. The creation
+    itself may still fail where permission bits do not tell (root, /proc); lock_out_dir reports that one."""
+    if not path.strip():
+        return "out_dir is empty: name a folder (e.g. --out_dir=out)"
+    full = os.path.abspath(path)
+    if os.path.lexists(full):
+        if not os.path.isdir(full):
+            return f"out_dir {path!r} is not a folder (a file is there)"
+        if not os.access(full, os.W_OK | os.X_OK):
+            return f"out_dir {path!r} is not writable"
         return None
+    parent = os.path.dirname(full)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"out_dir {path!r} cannot be created: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"out_dir {path!r} cannot be created: {parent} is not writable"
+    return None
+
+
+def lock_out_dir(out_dir):
+    """Create out_dir and take an exclusive flock on out_dir/.lock (writing this pid into it): the returned file
+    descriptor holds it until release_lock or the end of the process, however it ends (SIGKILL included: the OS
+    drops flocks with the process). The .lock file itself stays (removing it would let two runs lock two different
+    files). A lock held by another process is a BlockingIOError naming its pid, raised at once."""
+    path = os.path.join(out_dir, LOCK_FILE)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OSError(f"config: cannot create out_dir {out_dir!r} ({e.strerror}: {e.filename})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown (it is starting)"
+        os.close(fd)
+        raise BlockingIOError(f"config: out_dir {out_dir!r} is in use by another run (pid {holder}, which holds "
+                              f"{path}); wait for it to end or choose another --out_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def release_lock(cfg):
+    """Close cfg.lock (lock_out_dir's descriptor), which releases the flock; nothing when there is none."""
+    fd, cfg.lock = getattr(cfg, "lock", None), None
+    if fd is not None:
+        os.close(fd)
+
+
+def run_marks(out_dir):
+    """What makes out_dir a run: a checkpoint, the final LoRA files, or a log with a completed step (a line that is
+    not the step-0 evaluation; an unreadable line counts too). config.json and a log with at most the step-0 line
+    are what a run killed before its first completed step leaves: not a run."""
+    marks = [f for f in RUN_FILES if f not in ("config.json", "log.jsonl") and os.path.exists(os.path.join(out_dir, f))]
+    log = os.path.join(out_dir, "log.jsonl")
+    if os.path.isfile(log):
+        with open(log, errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    step = json.loads(line).get("step")
+                except (json.JSONDecodeError, AttributeError):
+                    step = None
+                if step != 0:
+                    marks.append("log.jsonl with completed steps")
+                    break
+    return marks
+
+
+def check_out_dir(cfg, lock=False):
+    """A new run never writes into another run's out_dir; a resumed run needs a readable checkpoint there, and
+    settings that define the run must match it (unless resume_override). Returns the checkpoint (or None).
+    lock=True (train(), rank 0): create out_dir and hold its lock (cfg.lock) before looking inside, so two runs
+    started at once cannot both find it free; on an error here the lock is released again."""
+    problem = out_dir_problem(cfg.out_dir)
+    if problem:
+        raise OSError(f"config: {problem}")
+    cfg.lock = lock_out_dir(cfg.out_dir) if lock else None
+    try:
+        return inspect_out_dir(cfg)
+    except BaseException:
+        release_lock(cfg)
+        raise
+
+
+def inspect_out_dir(cfg):
+    """check_out_dir's look inside out_dir (see run_marks for what counts as a run)."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
+    marks = run_marks(cfg.out_dir) if os.path.isdir(cfg.out_dir) else []
+    leftovers = [f for f in ("config.json", "log.jsonl") if os.path.exists(os.path.join(cfg.out_dir, f))]
+    found = ", ".join(f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f)))
+    if not cfg.resume:
+        if "ckpt.pt" in marks:
+            raise FileExistsError(
+                f"config: out_dir {cfg.out_dir!r} already holds a run ({found}). Continue it "
+                f"with --resume=True, or start over with another --out_dir (or delete {cfg.out_dir} yourself); "
+                "nothing there was changed")
+        if marks:
+            raise FileExistsError(
+                f"config: out_dir {cfg.out_dir!r} already holds a run ({found}) without a "
+                f"checkpoint to continue from; start over with another --out_dir (or delete {cfg.out_dir} "
+                "yourself); nothing there was changed")
+        if leftovers:
+            print0(f"out_dir {cfg.out_dir}: {', '.join(leftovers)} of a run stopped before its first step (no "
+                   "checkpoint, no completed step) is not a run: a new run starts there and replaces them")
+        return None
     if not os.path.isfile(path):
+        if marks:
+            raise FileNotFoundError(
+                f"config: resume=True but {path} does not exist: the run in {cfg.out_dir} ({found}) "
+                f"stopped before its first checkpoint (save_every), so there is nothing to resume; start over with "
+                f"another --out_dir (or delete {cfg.out_dir} yourself)")
+        if leftovers:
+            print0(f"resume=True: {cfg.out_dir} holds no checkpoint and no completed step (only "
+                   f"{', '.join(leftovers)}, of a run stopped before its first step): starting from step 0")
+            return None
         raise FileNotFoundError(f"config: resume=True but {path} does not exist")
     ckpt = load_checkpoint(path)
     old, new = ckpt.get("config", {}), config_to_json(cfg)
@@ -586,18 +768,17 @@ def check_out_dir(cfg):
     return ckpt
 
 
-def validate_config(cfg, world_size):
+def validate_config(cfg, world_size, lock=False):
     """Reject impossible settings with a message naming the key; fill in derived paths and read the prompts (and,
-    for resume=True, the checkpoint into cfg.checkpoint). No model loads and nothing is written."""
+    for resume=True, the checkpoint into cfg.checkpoint). No model loads and nothing is written, except with
+    lock=True (train(), on rank 0): then out_dir is created and its lock held (cfg.lock; check_out_dir)."""
     def bad(msg):
         raise ValueError(f"config: {msg}")
     check_numbers(cfg, bad)
     check_method(cfg, bad)
-    if not cfg.anchor and cfg.num_variants < 2:
-        bad("anchor=False drops C_orig from the group, so it needs num_variants >= 2")
+    check_sde_eta(cfg, bad)
+    check_group(cfg, bad)
     n_group = group_size(cfg)
-    if n_group < 2:
-        bad(f"a group of {n_group} sample has no reward variance: raise num_variants or num_seeds")
     if cfg.prompts_per_step % world_size:
         bad(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the world size {world_size}")
     n_local = cfg.prompts_per_step // world_size * n_group
@@ -644,11 +825,9 @@ def validate_config(cfg, world_size):
             importlib.import_module(cfg.reward_module)
         except ImportError as e:
             bad(f"reward_module {cfg.reward_module!r} cannot be imported ({e})")
+    R.check_reward_paths(cfg.reward_paths)       # known keys (reward_module's included), existing paths
     for spec_key in ("reward", "eval_reward"):   # reward.py's own check: its path shortcuts, files and repo ids
         R.check_paths(parse_reward_spec(getattr(cfg, spec_key) or cfg.reward), cfg.reward_paths)
-    for name, path in cfg.reward_paths.items():
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"config: reward_paths[{name!r}] = {path!r} does not exist")
     cfg.train_items = read_prompts(cfg.train_prompts)
     cfg.eval_items = read_prompts(cfg.eval_prompts) if cfg.eval_every > 0 else []
     if cfg.eval_num_prompts:
@@ -661,7 +840,7 @@ def validate_config(cfg, world_size):
         if needs and lacking is not None:
             bad(f"{spec_key} {needs[0]!r} scores GenEval metadata (\"tag\", \"include\" per prompt), but prompt "
                 f"{lacking + 1} of {getattr(cfg, file_key)} has none: use a GenEval-format .jsonl (README: prompt sets)")
-    cfg.checkpoint = check_out_dir(cfg)
+    cfg.checkpoint = check_out_dir(cfg, lock=lock)
     return cfg
 
 
@@ -895,7 +1074,7 @@ class Logger:
         self.rows, self.wandb = [], None
         if not self.master:
             return
-        if os.path.isfile(self.path) and cfg.resume:   # keep lines up to the resume point (the checkpoint's)
+        if os.path.isfile(self.path) and cfg.resume and resume_step:   # keep lines up to the checkpoint's step
             self.rows = [r for r in read_log(self.path) if r["step"] <= resume_step]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
@@ -1068,6 +1247,39 @@ def sample_e_grpo(run, step, slot, one):
     return branches
 
 
+def check_finite(run, step, slot, group):
+    """Stop the run at the first rollout whose latents (or images) are not finite, or latents beyond LATENT_LIMIT,
+    naming the likely cause (a diverged policy, the SDE's η, a half-precision overflow): such a group has zero reward
+    variance and NaN losses, and the step would otherwise pass as a quiet no-op. One pass per group, negligible next
+    to the sampling."""
+    for name in ("latents", "images"):
+        t = getattr(group, name, None)
+        if t is None:
+            continue
+        t = t.float()
+        ok = torch.isfinite(t) & (t.abs() <= LATENT_LIMIT) if name == "latents" else torch.isfinite(t)
+        if bool(ok.all()):
+            continue
+        cfg = run.cfg
+        bad_weights = [a for a in run.adapters
+                       if not all(bool(torch.isfinite(p).all()) for p in M.lora_parameters(run.model, a))]
+        if bad_weights:
+            cause = (f"the LoRA weights of {bad_weights} are not finite (an update diverged): lower learning_rate "
+                     "or grad_clip")
+        elif sde_transitions(cfg):                   # the rollouts sample an SDE at sde_eta
+            cause = (f"the SDE sampler diverged at sde_eta={cfg.sde_eta} (the weights are finite): lower sde_eta "
+                     "(sample.max_stable_eta bounds it per step)")
+        elif cfg.dtype != "float32":
+            cause = (f"the sampler overflowed under dtype={cfg.dtype!r} (the weights are finite): try 'bfloat16' "
+                     "or 'float32'")
+        else:
+            cause = "the sampler produced them from finite weights and noise (a bug: please report it)"
+        n = (~ok.flatten(1)).any(1).sum().item()
+        what = f"not finite (or beyond ±{LATENT_LIMIT:g})" if name == "latents" else "not finite"
+        raise RuntimeError(f"step {step + 1}, prompt slot {slot}: the rollout's {name} are {what} in {n} of "
+                           f"{len(t)} samples; {cause}. The run stops here (out_dir keeps its last checkpoint)")
+
+
 def rollout(run, step, slots, items, perturbed, sampler=sample_nft):
     """Rollouts prompt by prompt with `sampler` (sample_nft: groups with the old adapter); each prompt's reward is
     computed in the background while the next prompt samples. Returns (groups, rewards dict of (N_local,), reward
@@ -1078,6 +1290,7 @@ def rollout(run, step, slots, items, perturbed, sampler=sample_nft):
         one = SimpleNamespace(context=perturbed.context[i:i + 1], pooled=perturbed.pooled[i:i + 1])
         with run.ctx(), torch.no_grad():
             group = sampler(run, step, slot, one)
+        check_finite(run, step, slot, group)
         n = len(group.latents)
         futures.append(run.executor.submit(score, run.reward_fn, group.images, [item["prompt"]] * n, [item] * n))
         if cfg.anchor and cfg.num_variants > 1 and cfg.num_seeds > 1:   # how much the variants change the image
@@ -1086,6 +1299,11 @@ def rollout(run, step, slots, items, perturbed, sampler=sample_nft):
         groups.append(group)
     results = [f.result() for f in futures]
     rewards = {k: torch.cat([r[0][k] for r in results]) for k in results[0][0]}
+    for k, v in rewards.items():     # finite images (check_finite), so the reward function itself returned these
+        if not bool(torch.isfinite(v).all()):
+            raise RuntimeError(f"step {step + 1}: reward {k!r} is not finite for {(~torch.isfinite(v)).sum().item()} "
+                               f"of {len(v)} samples from finite images; the reward function ({cfg.reward!r}) returned "
+                               "NaN or inf. The run stops here (out_dir keeps its last checkpoint)")
     for g in groups[1:]:     # keep the first group's images for the grid; training needs latents only
         g.images = None
     return groups, rewards, sum(r[1] for r in results)
@@ -1448,20 +1666,37 @@ def save_group_grid(run, step, group):
 # -----------------------------------------------------------------------------
 # the loop
 
+def prepare(cfg_dict):
+    """Every check of train(), before anything loads: the settings (a dict of the keys above) → the validated cfg,
+    holding out_dir's lock on rank 0 (cfg.lock, released by train_prepared)."""
+    cfg = SimpleNamespace(**{**config_defaults(), **cfg_dict})
+    return validate_config(cfg, world_size_from_env(), lock=int(os.environ.get("RANK", 0)) == 0)
+
+
 def train(cfg_dict):
     """Run training with the given settings (a dict of the keys above). Returns the run namespace."""
-    cfg = SimpleNamespace(**{**config_defaults(), **cfg_dict})
-    world_size = world_size_from_env()
-    validate_config(cfg, world_size)
+    return train_prepared(prepare(cfg_dict))
+
+
+def train_prepared(cfg):
+    """train() after prepare(): load the models and run; out_dir's lock is released when this returns or raises."""
+    try:
+        return run_training(cfg)
+    finally:
+        release_lock(cfg)
+
+
+def run_training(cfg):
     world = setup_distributed(cfg)
     random.seed(cfg.seed + world.rank)
     np.random.seed(cfg.seed + world.rank)
     torch.manual_seed(cfg.seed + world.rank)
 
     run = build_run(cfg, world)
-    start = restore_checkpoint(run, cfg.checkpoint) if cfg.resume else 0
+    start = restore_checkpoint(run, cfg.checkpoint) if cfg.checkpoint is not None else 0
     cfg.checkpoint = None
-    if world.master:       # written once the models load: a run that fails to start leaves out_dir as it was
+    if world.master:       # written once the models load: a run that fails to start leaves out_dir as it was (only
+                           # created, with its .lock)
         os.makedirs(cfg.out_dir, exist_ok=True)
         stale = os.path.join(cfg.out_dir, "ckpt.pt.tmp")
         if os.path.exists(stale):      # a save killed midway; ckpt.pt itself is whole (atomic_save)
@@ -1554,8 +1789,9 @@ def finish(run, logger):
 
 
 def main(argv):
-    cfg = configure(config_defaults(), argv)
-    run = train(cfg)
+    with user_errors("train.py"):      # a mistake in the settings: one line, exit status 2 (configurator.py)
+        cfg = prepare(configure(config_defaults(), argv))
+    run = train_prepared(cfg)
     if run.world.ddp:
         dist.destroy_process_group()
 
