@@ -352,7 +352,9 @@ def flow_dataset(vae, prompts, work, per_tag):
     index = torch.tensor(index)
     latents = torch.cat([vae.encode(world.render_batch([prompts[i] for i in index[j:j + 256].tolist()], rng))
                          for j in range(0, len(index), 256)])
-    torch.save((latents, index), path)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")       # atomic: two processes may build the same cache
+    torch.save((latents, index), tmp)
+    os.replace(tmp, path)
     return latents, index
 
 
