@@ -123,8 +123,8 @@ def load_state(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); delete it to redo that part, or start the "
-                         "stage over without --resume") from None
+        raise ValueError(f"{path} is damaged: torch.load cannot read it ({type(e).__name__}); delete it to redo "
+                         "that part, or start the stage over without --resume") from None
 
 
 class Stage:
