@@ -77,7 +77,7 @@ MMDIT = model.MMDiTConfig(hidden_size=128, depth=4, num_heads=2, patch_size=2, c
                           pos_embed_max_size=16, qk_norm=True, dual_attention_layers=(0, 1))
 
 # ----------------------------------------------------------------------------- schedule
-STEPS = dict(vae=3000, text=600, mmdit=14000)
+STEPS = dict(vae=3000, text=1000, mmdit=14000)
 QUICK_STEPS = dict(vae=4, text=4, mmdit=6)
 QUICK_DATA = dict(per_tag=12, evaluate_every=0)
 BATCH = dict(vae=32, text=128, mmdit=64)
@@ -90,7 +90,7 @@ LATENTS_PER_TAG = 6000                 # the fixed flow-matching dataset: render
 AUX_WEIGHT = 1.0                       # text towers: attribute loss next to the contrastive one
 AUX_SCALE = 16.0                       # the attribute heads' cosine-logit scale (a prompt must point at its classes)
 SPREAD_MAX = 0.8                       # text towers: pooled cosine allowed between prompts one attribute apart ...
-SPREAD_WEIGHT = 1.0                    # ... and the weight of the hinge on the excess
+SPREAD_WEIGHT = 10.0                   # ... and the weight of the hinge on the excess (RESULTS.md: 1 left 0.94)
 CAPTION_DROPOUT = 0.2                  # per text encoder (SD3: 0.464 for each of three); both dropped: 4 %
 EMA_DECAY = 0.999
 SAVE_EVERY = 1000                      # steps between saved states of a stage
