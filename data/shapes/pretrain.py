@@ -93,7 +93,7 @@ SPREAD_MAX = 0.8                       # text towers: pooled cosine allowed betw
 SPREAD_WEIGHT = 10.0                   # ... and the weight of the hinge on the excess (RESULTS.md: 1 left 0.94)
 CAPTION_DROPOUT = 0.2                  # per text encoder (SD3: 0.464 for each of three); both dropped: 4 %
 EMA_DECAY = 0.999
-SAVE_EVERY = 1000                      # steps between saved states of a stage
+SAVE_EVERY = dict(vae=500, text=200, mmdit=1000)   # steps between saved states (~10-20 CPU-min each)
 EVAL_EVERY = 2000                      # MMDiT steps between progress evaluations (held-out strict, 4 images a prompt)
 SEED = 0
 
@@ -128,7 +128,7 @@ def load_state(path):
 
 
 class Stage:
-    """A stage's modules + optimizer, saved to work/<name>.pt every SAVE_EVERY steps (atomically) and at the end."""
+    """A stage's modules + optimizer, saved to work/<name>.pt every SAVE_EVERY[name] steps (atomically) and at the end."""
 
     def __init__(self, name, work, modules, opt, steps):
         self.name, self.path, self.modules, self.opt, self.steps = name, work / f"{name}.pt", modules, opt, steps
@@ -189,7 +189,7 @@ def train_vae(prompts, steps, work, resume):
         if st.step % 200 == 0 or st.done():
             log(f"vae {st.step:5d}/{steps} recon {rec.item():.5f} latent mean {mu.mean().item():+.3f} "
                 f"var {var.mean().item():.3f}")
-        if st.step % SAVE_EVERY == 0 or st.done():
+        if st.step % SAVE_EVERY["vae"] == 0 or st.done():
             st.save()
     return vae.eval().requires_grad_(False)
 
@@ -292,7 +292,7 @@ def train_text(towers, tokenizers, prompts, steps, work, resume):
         if st.step % 100 == 0 or st.done():
             log(f"text {st.step:5d}/{steps} contrastive loss {contrastive.item():.4f} attributes {aux.item():.4f} "
                 f"spread {spread.item():.4f}")
-        if st.step % SAVE_EVERY == 0 or st.done():
+        if st.step % SAVE_EVERY["text"] == 0 or st.done():
             st.save()
     for tower in towers:
         tower.eval().requires_grad_(False)
@@ -427,7 +427,7 @@ def train_mmdit(vae, text, prompts, steps, work, resume, per_tag=LATENTS_PER_TAG
             log(f"mmdit {st.step:5d}/{steps} flow loss {loss.item():.4f}")
         if evaluate_every and st.step % evaluate_every == 0:
             evaluate(st.step, ema.eval(), st.cpu)
-        if st.step % SAVE_EVERY == 0 or st.done() or (evaluate_every and st.step % evaluate_every == 0):
+        if st.step % SAVE_EVERY["mmdit"] == 0 or st.done() or (evaluate_every and st.step % evaluate_every == 0):
             st.save()
     if not st.done():
         st.save()
