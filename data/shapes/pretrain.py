@@ -319,6 +319,17 @@ def one_attribute_pairs(rows):
     return pairs
 
 
+def text_stage(prompts, steps, work, resume):
+    """Stage 2 as a unit: the tokenizer folders, the towers, their training. Returns (towers, tokenizers, the
+    TextEncoders that encode with them)."""
+    tokenizers = write_tokenizers(work)
+    vocab = json.loads((work / "tokenizer" / "vocab.json").read_text())
+    towers = build_text_towers(len(vocab), vocab[world.BOS], vocab[world.EOS])
+    train_text(towers, tokenizers, prompts, steps, work, resume)
+    return towers, tokenizers, model.TextEncoders(*towers, *tokenizers, max_sequence_length=T5_LENGTH,
+                                                  joint_dim=JOINT_DIM)
+
+
 @torch.no_grad()
 def tower_pairs(text, rows=None):
     """{tower: {kind: (max, mean) pooled cosine}} over one_attribute_pairs of every world prompt (held-out ones too)."""
@@ -373,14 +384,14 @@ def caption_dropout(context, pooled, empty, keep_l, keep_g, text):
 
 
 def train_mmdit(vae, text, prompts, steps, work, resume, per_tag=LATENTS_PER_TAG, evaluate_every=EVAL_EVERY,
-                config=MMDIT, bf16=False, cpu_budget=None, evaluate=None, data=None, init=None):
+                config=MMDIT, bf16=False, cpu_budget=None, evaluate=None, dataset=None, init=None):
     """The flow stage. `bf16` runs the forward under CPU bf16 autocast; `cpu_budget` (seconds of this process's CPU
     time, evaluations excluded, counted across resumes) stops early; `evaluate(step, ema, cpu)` replaces the default
-    progress evaluation every `evaluate_every` steps (the state is saved after each). The latents are cached in `data`
-    (default: the work folder). `init` = (MMDiT, step): a warm start from a saved pipeline's weights at its step, with
+    progress evaluation every `evaluate_every` steps (the state is saved after each). `dataset` = (latents, index)
+    already in hand (default: flow_dataset, cached in the work folder). `init` = (MMDiT, step): a warm start from a saved pipeline's weights at its step, with
     a new optimizer (a saved state in the work folder, with --resume, comes first)."""
     t0 = time.time()
-    latents, index = flow_dataset(vae, prompts, data or work, per_tag)
+    latents, index = dataset or flow_dataset(vae, prompts, work, per_tag)
     with torch.no_grad():
         context, pooled = text.encode([m["prompt"] for m in prompts])
         empty = text.encode([""])
@@ -479,6 +490,13 @@ def fmt(scores):
     return " ".join(f"{k} {v:.3f}" for k, v in scores.items())
 
 
+def fmt_towers(cosines):
+    """tower_pairs' table as one line a tower."""
+    return [f"{tower} pooled cosine of prompts one attribute apart, max (mean): "
+            + " ".join(f"{k} {hi:.3f} ({mean:.3f})" for k, (hi, mean) in kinds.items())
+            for tower, kinds in cosines.items()]
+
+
 # ----------------------------------------------------------------------------- saving
 def save_pipeline(root, dit, vae, towers, mmdit_step=None):
     """Everything in fp16 (the shipped files stay small); the loaders upcast to the dtype asked for. e2po.json records
@@ -516,9 +534,8 @@ def report(root):
     dit, vae, text = load_pipeline(root)
     for name, s in vae_round_trip(vae).items():
         log(f"{root}: held-out scenes, GenEval strict, {name}: {fmt(s)}")
-    for tower, kinds in tower_pairs(text).items():
-        log(f"{root}: {tower} pooled cosine of prompts one attribute apart, max (mean): "
-            + " ".join(f"{k} {hi:.3f} ({mean:.3f})" for k, (hi, mean) in kinds.items()))
+    for line in fmt_towers(tower_pairs(text)):
+        log(f"{root}: {line}")
     for scale, s in geneval_per_tag(dit, vae, text, guidance=(1.0, 3.0), save=Path(root).parent / "pretrain").items():
         log(f"{root}: held-out GenEval strict, guidance {scale:g}: {fmt(s)}")
 
@@ -544,6 +561,12 @@ def check_out(root, replace):
     parent = next(p for p in (root, *root.parents) if p.exists())
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"--out {root}: {parent} is not writable")
+
+
+def require_pipeline(path, flag):
+    """`path` must be a pipeline folder (a model_index.json) for the option `flag`."""
+    if not (Path(path) / "model_index.json").is_file():
+        raise FileNotFoundError(f"--{flag}: {path} is not a pipeline folder (no model_index.json)")
 
 
 def check_work(work, resume):
@@ -589,17 +612,15 @@ def main(argv=None):
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         if args.evaluate:
             root = Path(args.out or model.DEFAULT_WEIGHTS)
-            if not (root / "model_index.json").is_file():
-                raise FileNotFoundError(f"--evaluate: {root} is not a pipeline folder (no model_index.json)")
+            require_pipeline(root, "evaluate")
         else:
             root = Path(args.out).resolve() if args.out else DEFAULT_OUT
             work = root.with_name(root.name + ".tmp")
             check_out(root, args.replace)
             check_work(work, args.resume)
             for flag in ("vae_from", "warm_start"):
-                source = getattr(args, flag)
-                if source and not (Path(source) / "model_index.json").is_file():
-                    raise FileNotFoundError(f"--{flag}: {source} is not a pipeline folder (no model_index.json)")
+                if getattr(args, flag):
+                    require_pipeline(getattr(args, flag), flag)
             if args.warm_start and "mmdit_step" not in model.pipeline_notes(args.warm_start):
                 raise ValueError(f"--warm_start: {args.warm_start}/{model.PIPELINE_NOTES} records no mmdit_step")
     torch.set_num_threads(args.threads)
@@ -620,11 +641,7 @@ def main(argv=None):
             shutil.copytree(Path(args.warm_start) / name, work / name, dirs_exist_ok=True)
         init = (dit0, model.pipeline_notes(args.warm_start)["mmdit_step"])
     else:
-        tokenizers = write_tokenizers(work)
-        vocab = json.loads((work / "tokenizer" / "vocab.json").read_text())
-        towers = build_text_towers(len(vocab), vocab[world.BOS], vocab[world.EOS])
-        train_text(towers, tokenizers, prompts, steps["text"], work, args.resume)
-        text = model.TextEncoders(*towers, *tokenizers, max_sequence_length=T5_LENGTH, joint_dim=JOINT_DIM)
+        towers, tokenizers, text = text_stage(prompts, steps["text"], work, args.resume)
     dit = train_mmdit(vae, text, prompts, steps["mmdit"], work, args.resume, init=init,
                       **(QUICK_DATA if args.quick else {}))
     new = Path(tempfile.mkdtemp(dir=root.parent, prefix=root.name + ".new-"))

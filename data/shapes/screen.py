@@ -55,11 +55,7 @@ def shared_stages():
     work.mkdir(parents=True, exist_ok=True)
     prompts = world.load_prompts("train")
     vae = model.load_vae(model.DEFAULT_WEIGHTS).float().eval().requires_grad_(False)
-    tokenizers = P.write_tokenizers(work)
-    vocab = json.loads((work / "tokenizer" / "vocab.json").read_text())
-    towers = P.build_text_towers(len(vocab), vocab[world.BOS], vocab[world.EOS])
-    P.train_text(towers, tokenizers, prompts, P.STEPS["text"], work, resume=True)
-    return vae, model.TextEncoders(*towers, *tokenizers, max_sequence_length=P.T5_LENGTH, joint_dim=P.JOINT_DIM)
+    return vae, P.text_stage(prompts, P.STEPS["text"], work, resume=True)[2]
 
 
 def eval_prompts():
@@ -68,7 +64,7 @@ def eval_prompts():
             for _ in range(EVAL_IMAGES.get(t, 4))]
 
 
-def steps_for_budget(config, bf16, latents, text, context, pooled):
+def steps_for_budget(config, bf16, latents, context, pooled):
     """How many steps CPU_MINUTES buys: the CPU time of 10 timed training steps (after 2 warm-up steps)."""
     dit = model.MMDiT(config)
     opt = P.adamw(dit.parameters(), P.LR["mmdit"])
@@ -106,7 +102,7 @@ def train_variant(name, work, config, bf16, vae, text):
     latents, index = P.flow_dataset(vae, prompts, data, P.LATENTS_PER_TAG)
     if not plan_file.exists():
         context, pooled = text.encode([prompts[i]["prompt"] for i in index[:P.BATCH["mmdit"]].tolist()])
-        steps, per_step = steps_for_budget(config, bf16, latents, text, context, pooled)
+        steps, per_step = steps_for_budget(config, bf16, latents, context, pooled)
         plan_file.write_text(json.dumps({"steps": steps, "cpu_per_step": per_step, "config": asdict(config),
                                          "bf16": bf16, "object_side": world.OBJECT_SIDE}, indent=1))
     plan = json.loads(plan_file.read_text())
@@ -125,7 +121,7 @@ def train_variant(name, work, config, bf16, vae, text):
 
     P.log(f"screen {name}: {plan['steps']} steps of {plan['cpu_per_step']:.2f} CPU-s, evaluated every {every}")
     ema = P.train_mmdit(vae, text, prompts, plan["steps"], work, resume=True, evaluate_every=every, config=config,
-                        bf16=bf16, cpu_budget=CPU_MINUTES * 60, evaluate=evaluate, data=data)
+                        bf16=bf16, cpu_budget=CPU_MINUTES * 60, evaluate=evaluate, dataset=(latents, index))
     state = P.load_state(work / "mmdit.pt")
     rows = read_curve(curve_file)
     if not rows or rows[-1]["step"] != state["step"]:
@@ -214,9 +210,7 @@ def plot(curves, path, size=(720, 300)):
 def towers():
     """The shared towers' one-attribute cosine table (pretrain.tower_pairs), as --evaluate prints it."""
     _, text = shared_stages()
-    for tower, kinds in P.tower_pairs(text).items():
-        print(f"{tower} pooled cosine of prompts one attribute apart, max (mean): "
-              + " ".join(f"{k} {hi:.3f} ({mean:.3f})" for k, (hi, mean) in kinds.items()))
+    print("\n".join(P.fmt_towers(P.tower_pairs(text))))
 
 
 def main(argv=None):

@@ -129,7 +129,8 @@ def make_prompts() -> list[dict]:
 
 
 def atoms(row: dict) -> set[tuple]:
-    """What a prompt is made of: its shapes, colours, (shape, count) and relation, each as a tagged tuple."""
+    """What a prompt is made of, each as a tagged tuple: ("shape", class), ("color", name), ("count", n) for counting
+    prompts, ("relation", rel)."""
     out = set()
     for item in row["include"]:
         out.add(("shape", item["class"]))
