@@ -36,6 +36,8 @@ EVAL_MINUTES = 5
 OUT = HERE.parent.parent / "out" / "screen"
 EVAL_PROMPTS = 6                       # train prompts per tag scored (single_object has 5) ...
 EVAL_IMAGES = dict(single_object=8)    # ... images a prompt (4 elsewhere)
+TEXT_STEPS = 600                       # the shared towers' stage 2, fixed for the whole screen (trained at the then
+                                       # SPREAD_WEIGHT 1; pretrain.py's STEPS and weight moved on after it started)
 VAL_LATENTS = 384                      # the flow-loss probe: fixed latents, noise and σ
 SMALL_OBJECTS = {1: (0.30, 0.50), 2: (0.22, 0.36), 3: (0.18, 0.27), 4: (0.18, 0.27)}   # the world before the screen
 
@@ -55,7 +57,7 @@ def shared_stages():
     work.mkdir(parents=True, exist_ok=True)
     prompts = world.load_prompts("train")
     vae = model.load_vae(model.DEFAULT_WEIGHTS).float().eval().requires_grad_(False)
-    return vae, P.text_stage(prompts, P.STEPS["text"], work, resume=True)[2]
+    return vae, P.text_stage(prompts, TEXT_STEPS, work, resume=True)[2]
 
 
 def eval_prompts():
