@@ -2624,6 +2624,32 @@ def test_world_rebuild_quick_writes_a_pipeline_the_loaders_read(tmp_path, monkey
     again = files_digest(warm)
     assert all(again[k] == v for k, v in files_digest(root).items() if not k.startswith("vae/")), "towers, MMDiT kept"
 
+    saved = pretrain.saved_text_encoders(tmp_path / "sd3_tiny.tmp")    # a finished text stage's towers, heads aside
+    for ours, shipped_tower in ((saved.clip_l, text.clip_l), (saved.clip_g, text.clip_g)):
+        for a, b in zip(ours.state_dict().values(), shipped_tower.state_dict().values()):
+            assert torch.equal(a.half().float(), b.float())           # the pipeline stores them in fp16
+    snapshot = tmp_path / "snapshot"                  # what the long run writes at each evaluation: a pipeline
+    pretrain.write_pipeline(snapshot, tmp_path / "sd3_tiny.tmp", dit.float(), vae, [text.clip_l, text.clip_g], 3)
+    assert next(dit.parameters()).dtype == torch.float32, "saving leaves the modules as they are"
+    assert model.pipeline_notes(snapshot)["mmdit_step"] == 3
+    assert {k: v for k, v in files_digest(snapshot).items() if k != model.PIPELINE_NOTES} == \
+        {k: v for k, v in files_digest(root).items() if k != model.PIPELINE_NOTES}
+
+
+def test_world_towers_read_the_whole_language_but_render_train_prompts_only(tmp_path, monkeypatch):
+    """The text stage's attribute heads and spread hinge read sentences of the whole grammar, held-out ones too (the
+    towers are the world's CLIP: text only), while every image it renders, for the contrastive term, is of a train
+    prompt: no stage sees a held-out scene."""
+    from data.shapes import pretrain
+    rendered, read = [], []
+    render, targets = world.render_batch, pretrain.slot_targets
+    monkeypatch.setattr(world, "render_batch", lambda metas, rng: rendered.extend(metas) or render(metas, rng))
+    monkeypatch.setattr(pretrain, "slot_targets", lambda metas: read.extend(metas) or targets(metas))
+    pretrain.text_stage(world.load_prompts("train"), 2, tmp_path, resume=False)
+    train, test = ({m["prompt"] for m in world.load_prompts(split)} for split in ("train", "test"))
+    assert len(rendered) == 2 * pretrain.BATCH["text"] and {m["prompt"] for m in rendered} <= train
+    assert len(read) == 2 * pretrain.BATCH["text"] and {m["prompt"] for m in read} & (test - train)
+
 
 def test_world_rebuild_refuses_what_it_did_not_write(tmp_path, capsys):
     """pretrain.py never deletes a user's files and names a damaged saved state, each before any work, in one line."""

@@ -24,22 +24,27 @@ that a stopped run resumes (`--resume`) where it stopped:
   1. VAE: reconstruction of rendered images (MSE + L1, object pixels weighted up), latents kept near zero mean / unit
      variance in model space so SD3's fixed scale and shift (1.5305, 0.0609) apply as they are. Three levels: 4×
      downsampling, 16×16×16 latents for a 64² image (SD3's VAE has four levels, 8×).
-  2. Text towers: CLIP-style contrastive training against a throwaway image tower on tag-balanced batches, plus an
-     auxiliary loss that reads each prompt's attributes (its first and second shape, count, colours, relation) off
-     the pooled embedding with cosine classifiers, so the pooled vectors (what drives adaLN, and what E²PO perturbs
-     and compares by cosine) tell shapes, counts, relations and word order apart, not only colours.
+  2. Text towers: CLIP-style contrastive training against a throwaway image tower on tag-balanced batches of train
+     prompts, plus an auxiliary loss that reads each sentence's attributes (its first and second shape, count,
+     colours, relation) off the pooled embedding with cosine classifiers, and a hinge that keeps sentences one
+     attribute apart below a cosine, both on sentences of the world's whole language (text only, as CLIP's text side
+     has read every phrase), so the pooled vectors (what drives adaLN, and what E²PO perturbs and compares by cosine)
+     tell shapes, counts, relations and word order apart, not only colours.
   3. MMDiT: rectified flow on VAE latents of a tag-balanced dataset (LATENTS_PER_TAG renders of each tag, so single
-     objects are a sixth of the data, not 0.6 %), logit-normal σ (SD3), text towers frozen, EMA of the weights, SD3's
+     objects are a sixth of the data, not 0.6 %), logit-normal σ time-shifted by SIGMA_SHIFT (the sampler's shift: the
+     steps that decide a shape are at high noise), text towers frozen, EMA of the weights (every EVAL_EVERY steps
+     scored and saved as a pipeline in OUT.tmp/ema/), SD3's
      per-encoder caption dropout: CLIP-L and CLIP-G are each replaced by the empty prompt's encoding with probability
      CAPTION_DROPOUT, so the model also learns the unconditional velocity and classifier-free guidance works, as in the
      real model: a weaker CFG-free sampler and a stronger CFG one, the gap RL closes without CFG.
 
 Departures from SD3: tiny widths; the CLIP tokenizers stop at TOKEN_LENGTH tokens and the (absent) T5 part is
 T5_LENGTH zero tokens, not 77 and 256, so attention stays cheap on a CPU (e2po.json records T5_LENGTH for the loaders).
-Prompts are the train split only; the test split's combinations stay held out for evaluation (its single objects are
-atoms, trained on: world.split_prompts).
+Images are of train prompts only; the test split's combinations stay held out for evaluation (its single objects are
+atoms, trained on: world.split_prompts). Only the towers' text-only terms read held-out sentences.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -93,6 +98,7 @@ SPREAD_MAX = 0.8                       # text towers: pooled cosine allowed betw
 SPREAD_WEIGHT = 10.0                   # ... and the weight of the hinge on the excess (RESULTS.md: 1 left 0.94)
 CAPTION_DROPOUT = 0.2                  # per text encoder (SD3: 0.464 for each of three); both dropped: 4 %
 EMA_DECAY = 0.999
+SIGMA_SHIFT = 3.0                      # training σ: a logit-normal draw time-shifted as the sampler (shift 3) spends its steps
 SAVE_EVERY = dict(vae=500, text=200, mmdit=1000)   # steps between saved states (~10-20 CPU-min each)
 EVAL_EVERY = 2000                      # MMDiT steps between progress evaluations (held-out strict, 4 images a prompt)
 SEED = 0
@@ -239,10 +245,17 @@ def tag_balanced(prompts, n, rng):
 
 
 def train_text(towers, tokenizers, prompts, steps, work, resume):
-    """CLIP-style InfoNCE between each tower's pooled embedding and a small CNN's image embedding (a batch's repeated
-    prompts are all positives), plus AUX_WEIGHT × the cross-entropy of cosine classifiers that read each prompt's
-    attributes (SLOTS) off the tower's normalised pooled embedding, plus SPREAD_WEIGHT × how far each prompt's cosine
-    to a train prompt one attribute away exceeds SPREAD_MAX, on tag-balanced batches."""
+    """CLIP-style InfoNCE between each tower's pooled embedding and a small CNN's image embedding on tag-balanced
+    batches of train prompts (a batch's repeated prompts are all positives), plus, on a second tag-balanced batch of
+    the world's *language* (every sentence its grammar forms, world.make_prompts: text only), AUX_WEIGHT × the
+    cross-entropy of cosine classifiers that read each sentence's attributes (SLOTS) off the tower's normalised
+    pooled embedding, and SPREAD_WEIGHT × how far each sentence's cosine to a sentence one attribute away exceeds
+    SPREAD_MAX.
+
+    Why the whole language: the towers play CLIP's part, and CLIP's text side has read "two triangles" whatever
+    GenEval holds out. Trained on the train split's sentences alone, the towers learnt "triangles" as "four" (the only
+    count the split gives them) and encoded the held-out "two triangles" as four (RESULTS.md). No held-out image is
+    seen by any stage: the contrastive term and every later stage use the train split's prompts only."""
     torch.manual_seed(SEED + 1)
     image_tower = nn.Sequential(
         nn.Conv2d(3, 32, 3, 2, 1), nn.GELU(), nn.Conv2d(32, 64, 3, 2, 1), nn.GELU(),
@@ -258,31 +271,33 @@ def train_text(towers, tokenizers, prompts, steps, work, resume):
     st = Stage("text", work, modules, adamw(params, LR["text"]), steps)
     if resume:
         st.resume()
-    neighbours = [[] for _ in prompts]
-    for ij in one_attribute_pairs(prompts).values():
+    language = world.make_prompts()
+    neighbours = [[] for _ in language]
+    for ij in one_attribute_pairs(language).values():
         for i, j in ij:
             neighbours[i].append(j)
             neighbours[j].append(i)
     while not st.done():
         rng, _ = generators("text", st.step)
-        picks = tag_balanced(prompts, BATCH["text"], rng)
-        metas = [prompts[i] for i in picks]
-        near = [prompts[neighbours[i][rng.integers(len(neighbours[i]))]]["prompt"] for i in picks]
+        metas = [prompts[i] for i in tag_balanced(prompts, BATCH["text"], rng)]
+        picks = tag_balanced(language, BATCH["text"], rng)
+        sentences = [language[i] for i in picks]
+        near = [language[neighbours[i][rng.integers(len(neighbours[i]))]]["prompt"] for i in picks]
         images = world.render_batch(metas, rng)
         img = image_tower(images * 2 - 1).split([CLIP_L["projection_dim"], CLIP_G["projection_dim"]], -1)
         ids = [m["prompt"] for m in metas]
         same = torch.tensor([[a == b for b in ids] for a in ids], dtype=torch.float32)
-        targets, slots = same / same.sum(1, keepdim=True), slot_targets(metas)
+        targets, slots = same / same.sum(1, keepdim=True), slot_targets(sentences)
         contrastive = aux = spread = 0.0
         for tower, tok, emb, head in zip(towers, tokenizers, img, heads):
-            tokens = tok(ids + near, padding="max_length", max_length=TOKEN_LENGTH, truncation=True,
-                         return_tensors="pt")
-            txt, txt_near = F.normalize(tower(input_ids=tokens["input_ids"]).text_embeds, dim=-1).chunk(2)
-            spread = spread + F.relu((txt * txt_near).sum(-1) - SPREAD_MAX).mean()
+            tokens = tok(ids + [m["prompt"] for m in sentences] + near, padding="max_length", max_length=TOKEN_LENGTH,
+                         truncation=True, return_tensors="pt")
+            txt, said, said_near = F.normalize(tower(input_ids=tokens["input_ids"]).text_embeds, dim=-1).chunk(3)
             logits = scale.logit.exp().clamp(max=100) * txt @ F.normalize(emb, dim=-1).T
             contrastive = contrastive + (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+            spread = spread + F.relu((said * said_near).sum(-1) - SPREAD_MAX).mean()
             for k, w in enumerate(head):
-                aux = aux + F.cross_entropy(AUX_SCALE * txt @ F.normalize(w, dim=-1).T, slots[:, k]) / len(SLOTS)
+                aux = aux + F.cross_entropy(AUX_SCALE * said @ F.normalize(w, dim=-1).T, slots[:, k]) / len(SLOTS)
         loss = contrastive + AUX_WEIGHT * aux + SPREAD_WEIGHT * spread
         cosine_lr(st.opt, st.step, steps, LR["text"], WARMUP["text"])
         st.opt.zero_grad(set_to_none=True)
@@ -328,6 +343,18 @@ def text_stage(prompts, steps, work, resume):
     train_text(towers, tokenizers, prompts, steps, work, resume)
     return towers, tokenizers, model.TextEncoders(*towers, *tokenizers, max_sequence_length=T5_LENGTH,
                                                   joint_dim=JOINT_DIM)
+
+
+def saved_text_encoders(work):
+    """The TextEncoders of a finished text stage saved in `work` (its towers' weights alone, not the heads)."""
+    tokenizers = write_tokenizers(work)
+    vocab = json.loads((work / "tokenizer" / "vocab.json").read_text())
+    towers = build_text_towers(len(vocab), vocab[world.BOS], vocab[world.EOS])
+    state = load_state(work / "text.pt")
+    for tower, name in zip(towers, ("clip_l", "clip_g")):
+        tower.load_state_dict(state[name])
+        tower.eval().requires_grad_(False)
+    return model.TextEncoders(*towers, *tokenizers, max_sequence_length=T5_LENGTH, joint_dim=JOINT_DIM)
 
 
 @torch.no_grad()
@@ -384,7 +411,8 @@ def caption_dropout(context, pooled, empty, keep_l, keep_g, text):
 
 
 def train_mmdit(vae, text, prompts, steps, work, resume, per_tag=LATENTS_PER_TAG, evaluate_every=EVAL_EVERY,
-                config=MMDIT, bf16=False, cpu_budget=None, evaluate=None, dataset=None, init=None):
+                config=MMDIT, bf16=False, cpu_budget=None, evaluate=None, dataset=None, init=None,
+                sigma_shift=SIGMA_SHIFT):
     """The flow stage. `bf16` runs the forward under CPU bf16 autocast; `cpu_budget` (seconds of this process's CPU
     time, evaluations excluded, counted across resumes) stops early; `evaluate(step, ema, cpu)` replaces the default
     progress evaluation every `evaluate_every` steps (the state is saved after each). `dataset` = (latents, index)
@@ -409,8 +437,12 @@ def train_mmdit(vae, text, prompts, steps, work, resume, per_tag=LATENTS_PER_TAG
         log(f"mmdit: warm start at step {st.step}/{steps} from the pipeline's weights (a new optimizer)")
     elif resume:
         st.resume()
-    evaluate = evaluate or (lambda step, ema, cpu: log(f"mmdit {step:5d}: held-out GenEval strict, CFG-free, per tag: "
-                                                  f"{fmt(geneval_per_tag(ema, vae, text, num_images=4)[1.0])}"))
+    if evaluate is None:
+        def evaluate(step, ema, cpu):
+            log(f"mmdit {step:5d}: held-out GenEval strict, CFG-free, per tag: "
+                f"{fmt(geneval_per_tag(ema, vae, text, num_images=4)[1.0])}")
+            write_pipeline(work / "ema", work, ema, vae, [text.clip_l, text.clip_g], step)
+            log(f"mmdit {step:5d}: the EMA is a pipeline in {work / 'ema'} (score it: --evaluate --out {work / 'ema'})")
     while not st.done() and (cpu_budget is None or st.cpu < cpu_budget):
         tick = time.process_time()
         _, gen = generators("mmdit", st.step)
@@ -418,7 +450,8 @@ def train_mmdit(vae, text, prompts, steps, work, resume, per_tag=LATENTS_PER_TAG
         x0, c, y = latents[pick], context[index[pick]], pooled[index[pick]]
         keep = torch.rand(2, len(pick), generator=gen) >= CAPTION_DROPOUT
         c, y = caption_dropout(c, y, empty, keep[0], keep[1], text)
-        sigma = torch.sigmoid(torch.randn(len(pick), generator=gen))   # logit-normal (SD3)
+        t = torch.sigmoid(torch.randn(len(pick), generator=gen))       # logit-normal (SD3) ...
+        sigma = sigma_shift * t / (1 + (sigma_shift - 1) * t)             # ... time-shifted as the sampler's
         noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -499,14 +532,16 @@ def fmt_towers(cosines):
 
 # ----------------------------------------------------------------------------- saving
 def save_pipeline(root, dit, vae, towers, mmdit_step=None):
-    """Everything in fp16 (the shipped files stay small); the loaders upcast to the dtype asked for. e2po.json records
-    the T5 length for the loaders and the MMDiT's pretraining step (where --warm_start continues)."""
+    """Everything in fp16 (the shipped files stay small; fp16 copies, the modules stay as they are); the loaders
+    upcast to the dtype asked for. e2po.json records the T5 length for the loaders and the MMDiT's pretraining step
+    (where --warm_start continues)."""
     root = Path(root)
     side = world.SIZE // vae.factor
-    model.save_diffusers(dit.half(), root / "transformer", sample_size=side)   # 64 px: the pipeline's native size
-    model.save_diffusers(vae.half(), root / "vae")
+    half = lambda m: copy.deepcopy(m).half()                                      # noqa: E731
+    model.save_diffusers(half(dit), root / "transformer", sample_size=side)   # 64 px: the pipeline's native size
+    model.save_diffusers(half(vae), root / "vae")
     for tower, name in zip(towers, ("text_encoder", "text_encoder_2")):
-        tower.half().save_pretrained(root / name, safe_serialization=True)
+        half(tower).save_pretrained(root / name, safe_serialization=True)
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}, indent=2))
@@ -521,6 +556,15 @@ def save_pipeline(root, dit, vae, towers, mmdit_step=None):
     if mmdit_step is not None:
         notes["mmdit_step"] = int(mmdit_step)
     (root / model.PIPELINE_NOTES).write_text(json.dumps(notes))
+
+
+def write_pipeline(root, work, dit, vae, towers, mmdit_step):
+    """save_pipeline into a fresh folder beside `root` (with the tokenizer folders from `work`), swapped in whole."""
+    new = Path(tempfile.mkdtemp(dir=root.parent, prefix=root.name + ".new-"))
+    for name in ("tokenizer", "tokenizer_2"):
+        shutil.copytree(work / name, new / name)
+    save_pipeline(new, dit, vae, towers, mmdit_step=mmdit_step)
+    swap_in(new, root)                    # the old pipeline stays until the new one is complete
 
 
 def load_pipeline(root):
@@ -644,11 +688,7 @@ def main(argv=None):
         towers, tokenizers, text = text_stage(prompts, steps["text"], work, args.resume)
     dit = train_mmdit(vae, text, prompts, steps["mmdit"], work, args.resume, init=init,
                       **(QUICK_DATA if args.quick else {}))
-    new = Path(tempfile.mkdtemp(dir=root.parent, prefix=root.name + ".new-"))
-    for name in ("tokenizer", "tokenizer_2"):
-        shutil.copytree(work / name, new / name)
-    save_pipeline(new, dit, vae, towers, mmdit_step=steps["mmdit"])
-    swap_in(new, root)                    # the old pipeline stays until the new one is complete
+    write_pipeline(root, work, dit, vae, towers, steps["mmdit"])
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) / 2 ** 20
     log(f"wrote {root} ({size:.1f} MB) in {(time.time() - t0) / 60:.1f} min; the states stay in {work} (--resume)")
     if not args.quick:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(HERE.parent.parent))
 from data.shapes import pretrain as P  # noqa: E402
 from data.shapes import world  # noqa: E402
 import model  # noqa: E402
+import reward  # noqa: E402
 import sample  # noqa: E402
 
 CPU_MINUTES = 30
@@ -39,14 +40,21 @@ EVAL_IMAGES = dict(single_object=8)    # ... images a prompt (4 elsewhere)
 TEXT_STEPS = 600                       # the shared towers' stage 2, fixed for the whole screen (trained at the then
                                        # SPREAD_WEIGHT 1; pretrain.py's STEPS and weight moved on after it started)
 VAL_LATENTS = 384                      # the flow-loss probe: fixed latents, noise and σ
+RECOVER_FROM = (0.84, 0.94)            # the recovery probe: strict of samples finished from renders noised to these σ
 SMALL_OBJECTS = {1: (0.30, 0.50), 2: (0.22, 0.36), 3: (0.18, 0.27), 4: (0.18, 0.27)}   # the world before the screen
 
-VARIANTS = {   # name: (MMDiT config, bf16 autocast, object sizes)
-    "base": (P.MMDIT, False, None),                                                   # D128 depth 4, patch 2: 64 tokens
-    "p1": (replace(P.MMDIT, patch_size=1), False, None),                              # 256 tokens, 4 px each
-    "wide": (replace(P.MMDIT, hidden_size=192, depth=6, num_heads=3), False, None),   # 2.4x the width x depth
-    "bf16": (P.MMDIT, True, None),                                                    # base under CPU bf16 autocast
-    "small": (P.MMDIT, False, SMALL_OBJECTS),                                         # base on the old object sizes
+BASE = dict(config=P.MMDIT, bf16=False, sides=None, tags=world.TAGS, sigma_shift=1.0,   # the screen ran at shift 1
+            minutes=CPU_MINUTES)
+VARIANTS = {   # name: what differs from BASE (MMDiT config, bf16 autocast, object sizes, the tags it trains on and is
+               # scored on, the training σ's time shift, its CPU-minutes)
+    "base": {},                                                           # D128 depth 4, patch 2: 64 tokens
+    "p1": dict(config=replace(P.MMDIT, patch_size=1)),                    # 256 tokens, 4 px each
+    "wide": dict(config=replace(P.MMDIT, hidden_size=192, depth=6, num_heads=3)),   # 2.4x the width x depth
+    "bf16": dict(bf16=True),                                              # base under CPU bf16 autocast
+    "small": dict(sides=SMALL_OBJECTS),                                   # base on the old object sizes
+    "single": dict(tags=("single_object",)),          # base, all of it on the 5 single objects: can it draw them?
+    "single_shift3": dict(tags=("single_object",), sigma_shift=3.0),     # ... with the training σ shifted to noise
+    "single_long": dict(tags=("single_object",), sigma_shift=3.0, minutes=120),   # ... for 4x as long: can it ever?
 }
 
 
@@ -57,17 +65,19 @@ def shared_stages():
     work.mkdir(parents=True, exist_ok=True)
     prompts = world.load_prompts("train")
     vae = model.load_vae(model.DEFAULT_WEIGHTS).float().eval().requires_grad_(False)
+    if (work / "text.pt").is_file() and P.load_state(work / "text.pt")["step"] >= TEXT_STEPS:
+        return vae, P.saved_text_encoders(work)      # finished: only the towers (pretrain's heads may have moved on)
     return vae, P.text_stage(prompts, TEXT_STEPS, work, resume=True)[2]
 
 
-def eval_prompts():
+def eval_prompts(tags=world.TAGS):
     prompts = world.load_prompts("train")
-    return [m for t in world.TAGS for m in [m for m in prompts if m["tag"] == t][:EVAL_PROMPTS]
+    return [m for t in tags for m in [m for m in prompts if m["tag"] == t][:EVAL_PROMPTS]
             for _ in range(EVAL_IMAGES.get(t, 4))]
 
 
-def steps_for_budget(config, bf16, latents, context, pooled):
-    """How many steps CPU_MINUTES buys: the CPU time of 10 timed training steps (after 2 warm-up steps)."""
+def steps_for_budget(config, bf16, latents, context, pooled, minutes=CPU_MINUTES):
+    """How many steps `minutes` of CPU buy: the CPU time of 10 timed training steps (after 2 warm-up steps)."""
     dit = model.MMDiT(config)
     opt = P.adamw(dit.parameters(), P.LR["mmdit"])
     n = P.BATCH["mmdit"]
@@ -82,53 +92,84 @@ def steps_for_budget(config, bf16, latents, context, pooled):
         opt.step()
         times.append(time.process_time() - t)
     per_step = float(np.mean(times[2:]))
-    return int(CPU_MINUTES * 60 / per_step), per_step
+    return int(minutes * 60 / per_step), per_step
 
 
 def run_variant(name, vae, text):
-    config, bf16, sides = VARIANTS[name]
+    v = {**BASE, **VARIANTS[name]}
     work = OUT / name
     work.mkdir(parents=True, exist_ok=True)
     default_sides = world.OBJECT_SIDE
-    world.OBJECT_SIDE = sides or default_sides
+    world.OBJECT_SIDE = v["sides"] or default_sides
     try:
-        train_variant(name, work, config, bf16, vae, text)
+        train_variant(name, work, v["config"], v["bf16"], vae, text, v["tags"], v["sigma_shift"], v["minutes"])
     finally:
         world.OBJECT_SIDE = default_sides
 
 
-def train_variant(name, work, config, bf16, vae, text):
+def train_variant(name, work, config, bf16, vae, text, tags, sigma_shift, minutes):
     prompts = world.load_prompts("train")
     plan_file, curve_file = work / "plan.json", work / "curve.jsonl"
     data = work if name == "small" else OUT / "shared.tmp"        # the latents of renders at the world's sizes
     latents, index = P.flow_dataset(vae, prompts, data, P.LATENTS_PER_TAG)
+    keep = torch.tensor([prompts[i]["tag"] in tags for i in index.tolist()])
+    latents, index = latents[keep], index[keep]
     if not plan_file.exists():
         context, pooled = text.encode([prompts[i]["prompt"] for i in index[:P.BATCH["mmdit"]].tolist()])
-        steps, per_step = steps_for_budget(config, bf16, latents, context, pooled)
+        steps, per_step = steps_for_budget(config, bf16, latents, context, pooled, minutes)
         plan_file.write_text(json.dumps({"steps": steps, "cpu_per_step": per_step, "config": asdict(config),
-                                         "bf16": bf16, "object_side": world.OBJECT_SIDE}, indent=1))
+                                         "bf16": bf16, "object_side": world.OBJECT_SIDE,
+                                         "sigma_shift": sigma_shift, "minutes": minutes}, indent=1))
     plan = json.loads(plan_file.read_text())
     every = max(1, round(EVAL_MINUTES * 60 / plan["cpu_per_step"]))
-    metas = eval_prompts()
+    metas = eval_prompts(tags)
     probe = flow_probe(latents, index, prompts, text)
+    recover = recovery_probe(vae, text, metas)
 
     def evaluate(step, ema, cpu):
         t = time.time()
         scores = P.geneval_per_tag(ema, vae, text, num_images=1, metas=metas)[1.0]
-        row = {"step": step, "cpu_minutes": cpu / 60, "flow_loss": probe(ema), **scores}
+        row = {"step": step, "cpu_minutes": cpu / 60, "flow_loss": probe(ema), "recover": recover(ema), **scores}
         with open(curve_file, "a") as f:
             f.write(json.dumps(row) + "\n")
-        P.log(f"screen {name} step {step} ({cpu / 60:.1f} CPU-min): train-prompt strict {P.fmt(scores)} "
-              f"({time.time() - t:.0f} s)")
+        P.log(f"screen {name} step {step} ({cpu / 60:.1f} CPU-min): train-prompt strict {P.fmt(scores)}; finished "
+              f"from σ₀ {row['recover']} ({time.time() - t:.0f} s)")
 
     P.log(f"screen {name}: {plan['steps']} steps of {plan['cpu_per_step']:.2f} CPU-s, evaluated every {every}")
     ema = P.train_mmdit(vae, text, prompts, plan["steps"], work, resume=True, evaluate_every=every, config=config,
-                        bf16=bf16, cpu_budget=CPU_MINUTES * 60, evaluate=evaluate, dataset=(latents, index))
+                        bf16=bf16, cpu_budget=minutes * 60, evaluate=evaluate, dataset=(latents, index),
+                        sigma_shift=sigma_shift)
     state = P.load_state(work / "mmdit.pt")
     rows = read_curve(curve_file)
     if not rows or rows[-1]["step"] != state["step"]:
         evaluate(state["step"], ema, state["cpu"])
     sample.save_grid(decode_grid(ema, vae, text, metas), work / "samples.png", ncols=8)
+
+
+@torch.no_grad()
+def recovery_probe(vae, text, metas, starts=RECOVER_FROM, steps=20):
+    """{σ₀: strict}: real renders of `metas`, encoded, noised to σ₀ (fixed noise) and sampled back to 0 from there
+    with the world's Euler sampler (the steps of its 20-step schedule below σ₀). Whether a model can finish an image
+    whose shape and place are already decided (low σ₀) but not decide them itself (high σ₀) shows where it fails
+    while its pure-noise samples still score 0."""
+    items = list(metas)
+    x0 = vae.encode(world.render_batch(items, np.random.default_rng(3)))
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    context, pooled = text.encode([m["prompt"] for m in items])
+    sigmas = sample.sigma_schedule(steps, sample.SHIFT)
+    fn = reward.build("shapes")
+
+    def probe(dit):
+        out = {}
+        for start in starts:
+            k = int((sigmas > start).sum())           # the first schedule step at or below σ₀
+            x = (1 - sigmas[k]) * x0 + sigmas[k] * eps
+            for i in range(k, len(sigmas) - 1):
+                x = x + (sigmas[i + 1] - sigmas[i]) * dit(x, sigmas[i].expand(len(x)), context, pooled)
+            scores = fn(vae.decode(x), [m["prompt"] for m in items], items)["shapes_strict"]
+            out[f"{start:.2f}"] = float(scores.mean())
+        return out
+    return probe
 
 
 def flow_probe(latents, index, prompts, text, n=VAL_LATENTS):
@@ -165,8 +206,8 @@ def read_curve(path):
 
 def report():
     """The screen's table (last evaluation of each variant, and its best single_object) and curves.png."""
-    lines = ["| variant | params | CPU-s a step | steps | CPU-min | flow loss | single_object | overall | best single | "
-             "per tag (last) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | params | CPU-s a step | steps | CPU-min | flow loss | finished from σ₀ 0.84 / 0.94 | "
+             "single_object | overall | best single | per tag (last) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     curves = {}
     for name in VARIANTS:
         plan_file = OUT / name / "plan.json"
@@ -175,10 +216,11 @@ def report():
             continue
         plan, last = json.loads(plan_file.read_text()), rows[-1]
         params = sum(p.numel() for p in model.MMDiT(model.MMDiTConfig(**plan["config"])).parameters())
-        tags = " ".join(f"{t[:6]} {last[t]:.2f}" for t in world.TAGS)
+        tags = " ".join(f"{t[:6]} {last[t]:.2f}" for t in world.TAGS if t in last)
         loss = f"{last['flow_loss']:.4f}" if "flow_loss" in last else "–"
+        recover = " / ".join(f"{v:.3f}" for v in last["recover"].values()) if "recover" in last else "–"
         lines.append(f"| {name} | {params / 1e6:.2f} M | {plan['cpu_per_step']:.2f} | {last['step']} | "
-                     f"{last['cpu_minutes']:.0f} | {loss} | {last['single_object']:.3f} | {last['overall']:.3f} | "
+                     f"{last['cpu_minutes']:.0f} | {loss} | {recover} | {last['single_object']:.3f} | {last['overall']:.3f} | "
                      f"{max(r['single_object'] for r in rows):.3f} | {tags} |")
         curves[name] = rows
     print("\n".join(lines))
@@ -195,12 +237,13 @@ def plot(curves, path, size=(720, 300)):
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     w, h, pad = size[0] // 2, size[1], 30
     top = max([r.get("flow_loss", 0) for rows in curves.values() for r in rows] + [1e-6])
+    span = max([r["cpu_minutes"] for rows in curves.values() for r in rows] + [CPU_MINUTES])
     for panel, (key, y_max) in enumerate((("single_object", 1.0), ("flow_loss", top))):
         x0 = panel * w
         draw.rectangle([x0 + pad, pad, x0 + w - 10, h - pad], outline="black")
-        draw.text((x0 + pad, 8), f"{key} vs CPU-min (0..{CPU_MINUTES}), y 0..{y_max:.3g}", fill="black")
+        draw.text((x0 + pad, 8), f"{key} vs CPU-min (0..{span:.0f}), y 0..{y_max:.3g}", fill="black")
         for k, (name, rows) in enumerate(curves.items()):
-            xy = [(x0 + pad + (w - 10 - pad) * r["cpu_minutes"] / CPU_MINUTES, h - pad - (h - 2 * pad) * r[key] / y_max)
+            xy = [(x0 + pad + (w - 10 - pad) * r["cpu_minutes"] / span, h - pad - (h - 2 * pad) * r[key] / y_max)
                   for r in rows if key in r]
             if len(xy) > 1:
                 draw.line(xy, fill=colors[k % len(colors)], width=2)
