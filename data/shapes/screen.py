@@ -4,15 +4,16 @@
     python data/shapes/screen.py --variants p1 wide      # some of them (two processes at once suit 2 cores)
     python data/shapes/screen.py --report                # the table and curves.png from out/screen/
 
-All variants share the shipped model's VAE and pretrain.py's text towers (stage 2, trained once into
-out/screen/shared.tmp/). Each
-variant then trains pretrain.train_mmdit from scratch for CPU_MINUTES of one thread's CPU time (time.process_time,
-evaluations excluded: other jobs on the machine slow a variant down but do not change its budget), with the cosine
-schedule spread over the steps that budget buys (timed on its first steps). Every EVAL_MINUTES of CPU its EMA is scored
-on train prompts (GenEval strict per tag, CFG-free, the world's Euler sampler): a curve of what the variant learns per
-CPU-minute, and its flow-matching loss on fixed latents, noise and σ (`flow_probe`), the smooth measure of fit while
-the detector's scores are still near 0. The question it answers: which variant can reach single_object >= 0.6, and
-at what cost.
+All variants share the shipped model's VAE and pretrain.py's text towers of the screen's start (stage 2 at the then
+defaults, trained once into out/screen/shared.tmp/; the long run's towers moved on since, RESULTS.md). Each variant then
+trains pretrain.train_mmdit from scratch for its CPU-minutes (CPU_MINUTES unless it says otherwise) of one thread's
+CPU time (time.process_time, evaluations excluded: other jobs on the machine slow a variant down but do not change its
+budget), with the cosine schedule spread over the steps that budget buys (timed on its first steps). Every
+EVAL_MINUTES of CPU its EMA is scored on train prompts (GenEval strict per tag, CFG-free, the world's Euler sampler):
+a curve of what the variant learns per CPU-minute, with two measures that move while the detector's scores are still
+0: its flow-matching loss on fixed latents, noise and σ (`flow_probe`), and how often it finishes renders noised to a
+high σ₀ into the right scene (`recovery_probe`). The question it answers: which variant can reach single_object >= 0.6,
+and at what cost. The screen ran at SD3's plain logit-normal training σ (sigma_shift 1) except where a variant says.
 """
 import argparse
 import json
