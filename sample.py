@@ -86,6 +86,11 @@ SCHEDULES = ("noise_aware", "static")
 # -----------------------------------------------------------------------------
 # schedule and γ
 
+def time_shift(sigma, shift=SHIFT):
+    """SD3's time shift of σ ∈ [0, 1] (floats, tensors or arrays): shift·σ / (1 + (shift − 1)·σ); 0 and 1 stay."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
 def sigma_schedule(num_steps, shift=SHIFT):
     """(num_steps+1,) float32 sigmas, 1 → 0, equal to diffusers'
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift).set_timesteps(num_steps).sigmas.
@@ -97,10 +102,9 @@ def sigma_schedule(num_steps, shift=SHIFT):
         raise ValueError(f"shift must be > 0, got {shift!r}")
     n, T = int(num_steps), NUM_TRAIN_TIMESTEPS
     s = torch.tensor(1.0, dtype=torch.float32) / T                 # train σ of timestep 1, float32 as in diffusers
-    sigma_min = (shift * s / (1 + (shift - 1) * s)).item()
+    sigma_min = time_shift(s, shift).item()
     t = np.linspace(1.0 * T, sigma_min * T, n)                     # σ_max = 1 (shift maps 1 to 1)
-    sig = t / T
-    sig = shift * sig / (1 + (shift - 1) * sig)
+    sig = time_shift(t / T, shift)
     return torch.cat([torch.from_numpy(sig).to(torch.float32), torch.zeros(1)])
 
 

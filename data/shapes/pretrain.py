@@ -98,7 +98,7 @@ SPREAD_MAX = 0.8                       # text towers: pooled cosine allowed betw
 SPREAD_WEIGHT = 10.0                   # ... and the weight of the hinge on the excess (RESULTS.md: 1 left 0.94)
 CAPTION_DROPOUT = 0.2                  # per text encoder (SD3: 0.464 for each of three); both dropped: 4 %
 EMA_DECAY = 0.999
-SIGMA_SHIFT = 3.0                      # training σ: a logit-normal draw time-shifted as the sampler (shift 3) spends its steps
+SIGMA_SHIFT = 3.0                      # training σ: a logit-normal draw time-shifted as the sampler's (shift 3)
 SAVE_EVERY = dict(vae=500, text=200, mmdit=1000)   # steps between saved states (~10-20 CPU-min each)
 EVAL_EVERY = 2000                      # MMDiT steps between progress evaluations (held-out strict, 4 images a prompt)
 SEED = 0
@@ -134,7 +134,8 @@ def load_state(path):
 
 
 class Stage:
-    """A stage's modules + optimizer, saved to work/<name>.pt every SAVE_EVERY[name] steps (atomically) and at the end."""
+    """A stage's modules + optimizer, saved to work/<name>.pt every SAVE_EVERY[name] steps (atomically) and at the
+    end."""
 
     def __init__(self, name, work, modules, opt, steps):
         self.name, self.path, self.modules, self.opt, self.steps = name, work / f"{name}.pt", modules, opt, steps
@@ -334,27 +335,33 @@ def one_attribute_pairs(rows):
     return pairs
 
 
+def new_towers(work):
+    """The tokenizer folders written into `work`, and (untrained towers, tokenizers) over their vocabulary."""
+    tokenizers = write_tokenizers(work)
+    vocab = json.loads((work / "tokenizer" / "vocab.json").read_text())
+    return build_text_towers(len(vocab), vocab[world.BOS], vocab[world.EOS]), tokenizers
+
+
+def text_encoders(towers, tokenizers):
+    return model.TextEncoders(*towers, *tokenizers, max_sequence_length=T5_LENGTH, joint_dim=JOINT_DIM)
+
+
 def text_stage(prompts, steps, work, resume):
     """Stage 2 as a unit: the tokenizer folders, the towers, their training. Returns (towers, tokenizers, the
     TextEncoders that encode with them)."""
-    tokenizers = write_tokenizers(work)
-    vocab = json.loads((work / "tokenizer" / "vocab.json").read_text())
-    towers = build_text_towers(len(vocab), vocab[world.BOS], vocab[world.EOS])
+    towers, tokenizers = new_towers(work)
     train_text(towers, tokenizers, prompts, steps, work, resume)
-    return towers, tokenizers, model.TextEncoders(*towers, *tokenizers, max_sequence_length=T5_LENGTH,
-                                                  joint_dim=JOINT_DIM)
+    return towers, tokenizers, text_encoders(towers, tokenizers)
 
 
 def saved_text_encoders(work):
     """The TextEncoders of a finished text stage saved in `work` (its towers' weights alone, not the heads)."""
-    tokenizers = write_tokenizers(work)
-    vocab = json.loads((work / "tokenizer" / "vocab.json").read_text())
-    towers = build_text_towers(len(vocab), vocab[world.BOS], vocab[world.EOS])
+    towers, tokenizers = new_towers(work)
     state = load_state(work / "text.pt")
     for tower, name in zip(towers, ("clip_l", "clip_g")):
         tower.load_state_dict(state[name])
         tower.eval().requires_grad_(False)
-    return model.TextEncoders(*towers, *tokenizers, max_sequence_length=T5_LENGTH, joint_dim=JOINT_DIM)
+    return text_encoders(towers, tokenizers)
 
 
 @torch.no_grad()
@@ -416,8 +423,9 @@ def train_mmdit(vae, text, prompts, steps, work, resume, per_tag=LATENTS_PER_TAG
     """The flow stage. `bf16` runs the forward under CPU bf16 autocast; `cpu_budget` (seconds of this process's CPU
     time, evaluations excluded, counted across resumes) stops early; `evaluate(step, ema, cpu)` replaces the default
     progress evaluation every `evaluate_every` steps (the state is saved after each). `dataset` = (latents, index)
-    already in hand (default: flow_dataset, cached in the work folder). `init` = (MMDiT, step): a warm start from a saved pipeline's weights at its step, with
-    a new optimizer (a saved state in the work folder, with --resume, comes first)."""
+    already in hand (default: flow_dataset, cached in the work folder). `init` = (MMDiT, step): a warm start from a
+    saved pipeline's weights at its step, with a new optimizer (a saved state in the work folder, with --resume, comes
+    first). `sigma_shift`: the training σ's time shift."""
     t0 = time.time()
     latents, index = dataset or flow_dataset(vae, prompts, work, per_tag)
     with torch.no_grad():
@@ -450,8 +458,7 @@ def train_mmdit(vae, text, prompts, steps, work, resume, per_tag=LATENTS_PER_TAG
         x0, c, y = latents[pick], context[index[pick]], pooled[index[pick]]
         keep = torch.rand(2, len(pick), generator=gen) >= CAPTION_DROPOUT
         c, y = caption_dropout(c, y, empty, keep[0], keep[1], text)
-        t = torch.sigmoid(torch.randn(len(pick), generator=gen))       # logit-normal (SD3) ...
-        sigma = sigma_shift * t / (1 + (sigma_shift - 1) * t)             # ... time-shifted as the sampler's
+        sigma = sample.time_shift(torch.sigmoid(torch.randn(len(pick), generator=gen)), sigma_shift)  # logit-normal
         noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

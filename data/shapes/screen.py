@@ -166,7 +166,7 @@ def recovery_probe(vae, text, metas, starts=RECOVER_FROM, steps=20):
             k = int((sigmas > start).sum())           # the first schedule step at or below σ₀
             x = (1 - sigmas[k]) * x0 + sigmas[k] * eps
             for i in range(k, len(sigmas) - 1):
-                x = x + (sigmas[i + 1] - sigmas[i]) * dit(x, sigmas[i].expand(len(x)), context, pooled)
+                x = sample.euler_step(x, dit(x, sigmas[i].expand(len(x)), context, pooled), sigmas[i], sigmas[i + 1])
             scores = fn(vae.decode(x), [m["prompt"] for m in items], items)["shapes_strict"]
             out[f"{start:.2f}"] = float(scores.mean())
         return out
@@ -208,7 +208,7 @@ def read_curve(path):
 def report():
     """The screen's table (last evaluation of each variant, and its best single_object) and curves.png."""
     lines = ["| variant | params | CPU-s a step | steps | CPU-min | flow loss | finished from σ₀ 0.84 / 0.94 | "
-             "single_object | overall | best single | per tag (last) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "single_object | overall | best single | per tag (last) |", "|---" * 11 + "|"]
     curves = {}
     for name in VARIANTS:
         plan_file = OUT / name / "plan.json"
@@ -221,7 +221,8 @@ def report():
         loss = f"{last['flow_loss']:.4f}" if "flow_loss" in last else "–"
         recover = " / ".join(f"{v:.3f}" for v in last["recover"].values()) if "recover" in last else "–"
         lines.append(f"| {name} | {params / 1e6:.2f} M | {plan['cpu_per_step']:.2f} | {last['step']} | "
-                     f"{last['cpu_minutes']:.0f} | {loss} | {recover} | {last['single_object']:.3f} | {last['overall']:.3f} | "
+                     f"{last['cpu_minutes']:.0f} | {loss} | {recover} | {last['single_object']:.3f} | "
+                     f"{last['overall']:.3f} | "
                      f"{max(r['single_object'] for r in rows):.3f} | {tags} |")
         curves[name] = rows
     print("\n".join(lines))
@@ -231,7 +232,8 @@ def report():
 
 
 def plot(curves, path, size=(720, 300)):
-    """single_object train-prompt strict (left) and the flow-loss probe (right) against CPU-minutes, a line a variant."""
+    """single_object train-prompt strict (left) and the flow-loss probe (right) against CPU-minutes, a line a
+    variant."""
     from PIL import Image, ImageDraw
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
