@@ -603,16 +603,61 @@ def _to_pil(img):
     return Image.fromarray(arr)
 
 
-def save_grid(images, path, ncols):
-    """images (N,3,H,W) in [0,1] → one PNG, row-major with ncols columns."""
-    from PIL import Image
+def save_grid(images, path, ncols, labels=None, title=None, scale=1):
+    """images (N,3,H,W) in [0,1] → one PNG, row-major with ncols columns, each tile upscaled `scale`× (nearest: the
+    pixels as sampled). With `labels` (one string per image, "\n" for a new line, long lines wrapped to the tile) a
+    caption goes under each tile; with `title`, a line above the grid."""
+    from PIL import Image, ImageDraw
     N, _, H, W = images.shape
+    if labels is not None and len(labels) != N:
+        raise ValueError(f"save_grid: {len(labels)} labels for {N} images")
+    W, H = W * scale, H * scale
+    font = _font()
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    captions = [_wrap(draw, font, str(t), W - 4) for t in labels] if labels is not None else []
+    line = _line_height(draw, font)
+    cap_h = (max(len(c) for c in captions) * line + 4) if captions else 0
+    top = (line + 8) if title else 0
     nrows = math.ceil(N / ncols)
-    grid = Image.new("RGB", (ncols * W, nrows * H), "white")
+    grid = Image.new("RGB", (ncols * W, top + nrows * (H + cap_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((4, 4), title, fill="black", font=font)
     for i in range(N):
-        grid.paste(_to_pil(images[i]), ((i % ncols) * W, (i // ncols) * H))
+        x, y = (i % ncols) * W, top + (i // ncols) * (H + cap_h)
+        grid.paste(_to_pil(images[i]).resize((W, H), Image.NEAREST), (x, y))
+        for j, text in enumerate(captions[i] if captions else []):
+            draw.text((x + 2, y + H + 2 + j * line), text, fill="black", font=font)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid.save(path)
+
+
+def _font():
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=12)      # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()             # older Pillow: the small bitmap font
+
+
+def _line_height(draw, font):
+    box = draw.textbbox((0, 0), "Ag", font=font)
+    return box[3] - box[1] + 3
+
+
+def _wrap(draw, font, text, width):
+    """text → lines no wider than `width` pixels, split at spaces (and at "\n")."""
+    lines = []
+    for para in text.split("\n"):
+        words, cur = para.split(" "), ""
+        for w in words:
+            nxt = f"{cur} {w}" if cur else w
+            if cur and draw.textlength(nxt, font=font) > width:
+                lines.append(cur)
+                nxt = w
+            cur = nxt
+        lines.append(cur)
+    return lines
 
 
 def main(argv=None):

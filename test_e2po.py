@@ -2848,6 +2848,39 @@ def test_train_plot_and_grid(tmp_path):
     assert Image.open(tmp_path / "g" / "grid.png").size == (24, 16)
 
 
+def test_train_grids_are_captioned_upscaled_and_titled(tmp_path):
+    """What a newcomer opens: tiles upscaled as sampled (nearest), a caption under each (wrapped to the tile), a title;
+    the run's last lines are the before → after table, one row per GenEval tag."""
+    from PIL import Image
+    images = torch.zeros(4, 3, 8, 8)
+    images[:, 0] = 1.0                                                   # four red tiles
+    labels = ["a photo of a red circle left of a blue square\nstrict 1", "b", "c", "d"]
+    S.save_grid(images, str(tmp_path / "g.png"), ncols=2, labels=labels, title="step 3 · held-out strict 0.25", scale=4)
+    grid = np.asarray(Image.open(tmp_path / "g.png").convert("RGB")).astype(int)
+    red = (grid[..., 0] == 255) & (grid[..., 1] == 0)
+    rows = np.flatnonzero(red[:, 0])                                     # the first column of tiles, top to bottom
+    assert grid.shape[1] == 64 and red[:, :32].sum() == 2 * 32 * 32     # 2 columns of 32-px tiles, both rows whole
+    title_h, first_end = rows[0], rows[rows < rows[0] + 32][-1] + 1
+    assert title_h > 0 and (grid[:title_h] < 128).any()                 # dark title text above the tiles
+    caption = grid[first_end:rows[rows >= first_end][0], :32]
+    assert (caption < 128).any()                                         # dark caption text under the first tile
+    dark_rows = np.flatnonzero((caption < 128).any(axis=(1, 2)))
+    assert dark_rows[-1] - dark_rows[0] > 24                             # the long prompt wrapped onto >= 3 lines
+    with pytest.raises(ValueError, match="labels"):
+        S.save_grid(images, str(tmp_path / "h.png"), ncols=2, labels=["one"])
+    cfg = SimpleNamespace(use_ema=True, eval_items=[{}] * 6, eval_num_images=4, eval_reward="", reward="shapes")
+    before = {"step": 0, "eval_reward": 0.5, "eval_shapes_strict": 0.25, "eval_shapes_strict_single_object": 0.5,
+              "eval_shapes_strict_counting": 0.0}
+    after = {"step": 8, "eval_reward": 0.75, "eval_shapes_strict": 0.5, "eval_shapes_strict_single_object": 1.0,
+             "eval_shapes_strict_counting": 0.0}
+    lines = train.summary_table(cfg, before, after).splitlines()
+    assert "6 prompts x 4 images" in lines[0] and "step 0 → 8" in lines[0]
+    assert lines[2].split() == ["shapes", "reward", "0.500", "0.750", "+0.250"]
+    assert lines[3].split() == ["shapes_strict", "0.250", "0.500", "+0.250"]
+    assert lines[4].split() == ["single_object", "0.500", "1.000", "+0.500"]
+    assert lines[5].split() == ["counting", "0.000", "0.000", "+0.000"]
+
+
 # ------------------------------------------------------------------------------------- config and validation
 def test_train_configurator_file_and_overrides(tmp_path):
     defaults = {"lr": 1e-3, "steps": 10, "name": "a", "flag": False, "enc": ("clip_l",), "paths": {}}
@@ -3145,8 +3178,9 @@ def test_train_eval_draws_the_same_noise_for_every_seed(tiny_root, tmp_path):
         cfg = train.validate_config(train.SimpleNamespace(**tiny_config(
             tiny_root, tmp_path / f"s{seed}{n_img}", seed=seed, eval_num_prompts=3, eval_num_images=n_img)), 1)
         run = train.build_run(cfg, train.setup_distributed(cfg))
-        scores[seed, n_img], images = train.evaluate(run, "policy")
-        assert len(images) == 3                                          # the grid: one image per prompt
+        scores[seed, n_img], images, captions = train.evaluate(run, "policy")
+        assert len(images) == 3                                          # the grid: one image per prompt ...
+        assert [c.split("\n")[0] for c in captions] == [it["prompt"] for it in cfg.eval_items[:3]]   # ... captioned
     assert scores[1, 2] == scores[2, 2]
     assert scores[1, 2] != scores[1, 3]
 

@@ -65,8 +65,10 @@ checkpoints, DDP and the presets are shared; only the rollout sampler, what is s
   before the first step.
 
 Outputs (rank 0): out_dir/config.json, log.jsonl (one line per step), ckpt.pt (atomic), groups/*.png
-(one rollout group: rows = variants, columns = seeds), samples/*.png (held-out prompts, EMA weights),
-curves.png, lora_policy.safetensors / lora_ema.safetensors (diffusers-loadable).
+(one rollout group: rows = variants, columns = seeds, each tile captioned with its reward), samples/*.png (held-out
+prompts, EMA weights, captioned with prompt and score, the held-out score in the title), curves.png,
+lora_policy.safetensors / lora_ema.safetensors (diffusers-loadable); the last lines printed are the held-out table
+before → after, per GenEval tag.
 
 out_dir (check_out_dir; the judgement calls). Every check runs before any model loads; `python train.py` prints a
 user error as one line and exits 2 (configurator.user_errors), while train() raises it. Then rank 0 creates out_dir and
@@ -1034,9 +1036,14 @@ def restore_checkpoint(run, ckpt):
 # -----------------------------------------------------------------------------
 # images and curves (Pillow only)
 
-def plot_curves(rows, path, keys=("reward_mean", "reward_std", "zero_std_ratio", "eval_reward", "policy_loss", "kl")):
-    """One small panel per logged series (x = step), drawn with ImageDraw."""
-    keys = [k for k in keys if any(k in r for r in rows)]
+CURVES = ("reward_mean", "reward_std", "zero_std_ratio", "eval_reward", "policy_loss", "kl")
+
+
+def plot_curves(rows, path, keys=CURVES):
+    """One small panel per logged series (x = step), drawn with ImageDraw: train reward, intra-group std, the share of
+    groups with zero std, the held-out reward and GenEval strict (when logged), the loss and KL."""
+    strict = sorted({k for r in rows for k in r if k.startswith("eval_") and k.endswith("_strict")})
+    keys = [k for k in list(keys[:4]) + strict + list(keys[4:]) if any(k in r for r in rows)]
     if not keys:
         return
     pw, ph, m = 360, 200, 36
@@ -1603,13 +1610,13 @@ def update_old_and_ema(run, num_updates):
 def evaluate(run, adapter):
     """Held-out prompts × eval_num_images, Euler eval_sample_steps, with `adapter`; the noise is keyed by
     (prompt, image) alone, so every evaluation of every run sees the same draws. Returns ({name: mean over
-    images}, this rank's first image of its first prompts). A GenEval strict score (name ending in "_strict") is
+    images}, this rank's first image of its first prompts, one caption per kept image: its prompt and scores). A GenEval strict score (name ending in "_strict") is
     reported as GenEval does when the prompts carry tags: the mean over tags, and each tag as name_<tag>."""
     cfg, world, dev = run.cfg, run.world, run.world.device
     lat = cfg.resolution // run.vae.factor
     n_img = cfg.eval_num_images
     mine = list(range(world.rank, len(cfg.eval_items) * n_img, world.world_size))   # image j of prompt i: i·n_img + j
-    scores, tags, images_kept = [], [], []
+    scores, tags, images_kept, captions = [], [], [], []
     for a in range(0, len(mine), cfg.rollout_micro_batch):
         ids = mine[a:a + cfg.rollout_micro_batch]
         items = [cfg.eval_items[i // n_img] for i in ids]
@@ -1628,6 +1635,8 @@ def evaluate(run, adapter):
         first = torch.tensor([i % n_img == 0 for i in ids])        # the grid shows each prompt's first image
         if sum(len(x) for x in images_kept) < cfg.grid_prompts and first.any():
             images_kept.append(images[first].cpu())
+            captions += [caption(prompts[j], {k: v[j].item() for k, v in out.items()}) for j in range(len(ids))
+                         if first[j]]
     local = {k: torch.cat([s[k] for s in scores]).tolist() for k in scores[0]} if scores else {}
     local["tag"] = tags
     gathered = [local]
@@ -1643,24 +1652,51 @@ def evaluate(run, adapter):
             means[k] = summary.pop("overall")
             means.update({f"{k}_{t}": x for t, x in summary.items()})
     kept = torch.cat(images_kept)[:cfg.grid_prompts] if images_kept else None
-    return means, kept
+    return means, kept, captions[:cfg.grid_prompts]
+
+
+def caption(prompt, scores):
+    """A grid tile's caption: the prompt, then its GenEval strict score (when the reward has one) and its reward."""
+    parts = [f"strict {v:.0f}" for k, v in scores.items() if k.endswith("_strict")]
+    parts += [f"reward {scores['avg']:.2f}"] if "avg" in scores else []
+    return prompt + "\n" + " · ".join(parts)
+
+
+def headline(means, n_prompts, n_images):
+    """The held-out score a grid's title prints: GenEval strict when the reward has one, else the reward."""
+    strict = [k for k in means if k.endswith("_strict")]
+    name, value = (strict[0], means[strict[0]]) if strict else ("reward", means.get("avg", float("nan")))
+    return f"held-out {name} {value:.3f} ({n_prompts} prompts x {n_images} images)"
+
+
+GRID_SCALE = 3       # grid tiles of small images are upscaled to be readable (the world samples 64 px images)
+
+
+def grid_scale(images):
+    return GRID_SCALE if images.shape[-1] <= 128 else 1
 
 
 def run_eval(run, step, tag=None):
     adapter = "ema" if run.cfg.use_ema else "policy"
-    means, images = evaluate(run, adapter)
+    means, images, captions = evaluate(run, adapter)
     if run.world.master and images is not None:
+        title = f"step {step} · {adapter} · {headline(means, len(run.cfg.eval_items), run.cfg.eval_num_images)}"
         sample.save_grid(images, os.path.join(run.cfg.out_dir, "samples", tag or f"step_{step:06d}.png"),
-                         ncols=min(len(images), 8))
+                         ncols=min(len(images), 4), labels=captions, title=title, scale=grid_scale(images))
     return means
 
 
-def save_group_grid(run, step, group):
-    """One rollout group: rows = variants (row 0 = the original prompt; E-GRPO: per active step), columns = seeds."""
+def save_group_grid(run, step, group, item, rewards):
+    """One rollout group: rows = variants (row 0 = the original prompt; E-GRPO: per active step), columns = seeds;
+    each tile captioned with its variant, seed and reward, the prompt in the title."""
     rows = group.variant + getattr(group, "step_idx", 0) * run.cfg.num_variants
-    order = torch.argsort(rows * run.cfg.num_seeds + group.seed_idx)
+    order = torch.argsort(rows * run.cfg.num_seeds + group.seed_idx).tolist()
+    labels = [("original" if group.variant[i] == 0 else f"variant {int(group.variant[i])}")
+              + (f" · step {int(group.step_idx[i])}" if hasattr(group, "step_idx") else "")
+              + f"\nseed {int(group.seed_idx[i])} · reward {float(rewards[i]):.2f}" for i in order]
     sample.save_grid(group.images[order], os.path.join(run.cfg.out_dir, "groups", f"step_{step:06d}.png"),
-                     ncols=run.cfg.num_seeds)
+                     ncols=run.cfg.num_seeds, labels=labels, scale=grid_scale(group.images),
+                     title=f"step {step} · {item['prompt']!r} · rows: variants, columns: seeds")
 
 
 # -----------------------------------------------------------------------------
@@ -1746,7 +1782,7 @@ def run_training(cfg):
                    time_reward=reward_s, time_update=t3 - t2)
         row.update(perturb_stats(perturbed, world), **spread_stats(groups, world))
         if world.master and cfg.log_images_every and (step + 1) % cfg.log_images_every == 0 and groups[0].images is not None:
-            save_group_grid(run, step + 1, groups[0])
+            save_group_grid(run, step + 1, groups[0], items[0], rewards["avg"][:len(groups[0].latents)])
         del groups, perturbed
         last = step + 1 == cfg.max_steps
         if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last):
@@ -1773,19 +1809,24 @@ def finish(run, logger):
         evals = [r for r in logger.rows if "eval_reward" in r]
         if len(evals) > 1 and evals[0]["step"] == 0:
             before, after = evals[0], evals[-1]
-            line = f"test {cfg.eval_reward or cfg.reward} score (EMA, {len(cfg.eval_items)} prompts) " \
-                   f"before → after: {before['eval_reward']:.4f} → {after['eval_reward']:.4f}"
-            strict = [k for k in before if k.endswith("_strict")]
-            for k in strict:
-                line += f" · {k[5:]} {before[k]:.4f} → {after.get(k, float('nan')):.4f}"
-            print(line)
-            for k in strict:     # GenEval's per-tag report, when the prompts carry tags
-                tags = [t[len(k) + 1:] for t in before if t.startswith(k + "_")]
-                if tags:
-                    print("  per tag: " + " · ".join(f"{t} {before[f'{k}_{t}']:.3f} → "
-                                                      f"{after.get(f'{k}_{t}', float('nan')):.3f}" for t in tags))
+            print(summary_table(cfg, before, after))
     if run.world.ddp:
         dist.barrier()
+
+
+def summary_table(cfg, before, after):
+    """The run's last lines: the held-out scores before → after, GenEval strict per tag when the prompts carry tags."""
+    adapter = "EMA" if cfg.use_ema else "policy"
+    lines = [f"held-out scores ({adapter}, {len(cfg.eval_items)} prompts x {cfg.eval_num_images} images, step "
+             f"{before['step']} → {after['step']})", f"  {'':<28}{'before':>8}{'after':>8}{'change':>9}"]
+    keys = ["eval_reward"] + sorted(k for k in before if k.endswith("_strict"))
+    for k in keys:
+        name = f"{cfg.eval_reward or cfg.reward} reward" if k == "eval_reward" else k[5:]
+        rows = [(name, k)] + [(f"  {t[len(k) + 1:]}", t) for t in before if t.startswith(k + "_")]
+        for label, key in rows:
+            a, b = before[key], after.get(key, float("nan"))
+            lines.append(f"  {label:<28}{a:>8.3f}{b:>8.3f}{b - a:>+9.3f}")
+    return "\n".join(lines)
 
 
 def main(argv):
