@@ -504,8 +504,24 @@ def evaluate_row(models, cfg, name, adapter):
                 pvs_of[i // n] = pvs(torch.stack(done)) if n >= 2 else None
         grid += [img for i, img in zip(ids, images) if i // n < GRID_PROMPTS]
     per_image["pvs"] = [pvs_of[p] for p in range(len(cfg.items))]
-    sample.save_grid(torch.stack(grid), os.path.join(cfg.out, f"grid_{slug(name)}.png"), ncols=n)
-    return summarise(cfg, name, per_image)
+    row = summarise(cfg, name, per_image)
+    grid = torch.stack(grid)
+    sample.save_grid(grid, os.path.join(cfg.out, f"grid_{slug(name)}.png"), ncols=n, scale=train.grid_scale(grid),
+                     labels=grid_captions(cfg, per_image, len(grid)), title=grid_title(cfg, name, row))
+    return row
+
+
+def grid_captions(cfg, per_image, count):
+    """Under each grid tile: its prompt (first column) and its GenEval strict score, when GenEval is scored."""
+    key = f"{cfg.geneval}_strict" if cfg.geneval else None
+    return [(cfg.items[i // cfg.num_images]["prompt"] if i % cfg.num_images == 0 else "")
+            + (f"\nstrict {per_image[key][i]:.0f}" if key else "") for i in range(count)]
+
+
+def grid_title(cfg, name, row):
+    score = f" · GenEval strict {row['geneval']['strict']['overall']:.3f} over all {len(cfg.items)} prompts" \
+        if row["geneval"] else ""
+    return f"{name}{score} · rows: prompts, columns: images"
 
 
 def summarise(cfg, name, per_image):
