@@ -506,8 +506,8 @@ def evaluate_row(models, cfg, name, adapter):
     per_image["pvs"] = [pvs_of[p] for p in range(len(cfg.items))]
     row = summarise(cfg, name, per_image)
     grid = torch.stack(grid)
-    sample.save_grid(grid, os.path.join(cfg.out, f"grid_{slug(name)}.png"), ncols=n, scale=train.grid_scale(grid),
-                     labels=grid_captions(cfg, per_image, len(grid)), title=grid_title(cfg, name, row))
+    sample.save_grid(grid, os.path.join(cfg.out, f"grid_{slug(name)}.png"), ncols=n, labels=grid_captions(
+        cfg, per_image, len(grid)), title=grid_title(cfg, name, row), scale=sample.grid_scale(grid))
     return row
 
 

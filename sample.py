@@ -87,7 +87,8 @@ SCHEDULES = ("noise_aware", "static")
 # schedule and γ
 
 def time_shift(sigma, shift=SHIFT):
-    """SD3's time shift of σ ∈ [0, 1] (floats, tensors or arrays): shift·σ / (1 + (shift − 1)·σ); 0 and 1 stay."""
+    """SD3's time shift of σ ∈ [0, 1] (floats, tensors or arrays): shift·σ / (1 + (shift − 1)·σ); 0 and 1
+    stay."""
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
@@ -630,6 +631,14 @@ def save_grid(images, path, ncols, labels=None, title=None, scale=1):
             draw.text((x + 2, y + H + 2 + j * line), text, fill="black", font=font)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid.save(path)
+
+
+GRID_SCALE = 3       # save_grid's upscaling of small images (the world samples 64 px), so a grid is readable
+
+
+def grid_scale(images):
+    """The `scale` for save_grid that makes tiles of these images readable: GRID_SCALE up to 128 px, else 1."""
+    return GRID_SCALE if images.shape[-1] <= 128 else 1
 
 
 def _font():

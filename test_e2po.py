@@ -2855,7 +2855,8 @@ def test_train_grids_are_captioned_upscaled_and_titled(tmp_path):
     images = torch.zeros(4, 3, 8, 8)
     images[:, 0] = 1.0                                                   # four red tiles
     labels = ["a photo of a red circle left of a blue square\nstrict 1", "b", "c", "d"]
-    S.save_grid(images, str(tmp_path / "g.png"), ncols=2, labels=labels, title="step 3 · held-out strict 0.25", scale=4)
+    S.save_grid(images, str(tmp_path / "g.png"), ncols=2, labels=labels, title="step 3 · held-out strict 0.25",
+                scale=4)
     grid = np.asarray(Image.open(tmp_path / "g.png").convert("RGB")).astype(int)
     red = (grid[..., 0] == 255) & (grid[..., 1] == 0)
     rows = np.flatnonzero(red[:, 0])                                     # the first column of tiles, top to bottom

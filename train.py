@@ -1610,8 +1610,9 @@ def update_old_and_ema(run, num_updates):
 def evaluate(run, adapter):
     """Held-out prompts × eval_num_images, Euler eval_sample_steps, with `adapter`; the noise is keyed by
     (prompt, image) alone, so every evaluation of every run sees the same draws. Returns ({name: mean over
-    images}, this rank's first image of its first prompts, one caption per kept image: its prompt and scores). A GenEval strict score (name ending in "_strict") is
-    reported as GenEval does when the prompts carry tags: the mean over tags, and each tag as name_<tag>."""
+    images}, this rank's first image of its first prompts, one caption per kept image: its prompt and scores). A
+    GenEval strict score (name ending in "_strict") is reported as GenEval does when the prompts carry tags: the mean
+    over tags, and each tag as name_<tag>."""
     cfg, world, dev = run.cfg, run.world, run.world.device
     lat = cfg.resolution // run.vae.factor
     n_img = cfg.eval_num_images
@@ -1669,20 +1670,14 @@ def headline(means, n_prompts, n_images):
     return f"held-out {name} {value:.3f} ({n_prompts} prompts x {n_images} images)"
 
 
-GRID_SCALE = 3       # grid tiles of small images are upscaled to be readable (the world samples 64 px images)
-
-
-def grid_scale(images):
-    return GRID_SCALE if images.shape[-1] <= 128 else 1
-
-
 def run_eval(run, step, tag=None):
     adapter = "ema" if run.cfg.use_ema else "policy"
     means, images, captions = evaluate(run, adapter)
     if run.world.master and images is not None:
         title = f"step {step} · {adapter} · {headline(means, len(run.cfg.eval_items), run.cfg.eval_num_images)}"
         sample.save_grid(images, os.path.join(run.cfg.out_dir, "samples", tag or f"step_{step:06d}.png"),
-                         ncols=min(len(images), 4), labels=captions, title=title, scale=grid_scale(images))
+                         ncols=min(len(images), 4), labels=captions, title=title,
+                         scale=sample.grid_scale(images))
     return means
 
 
@@ -1695,7 +1690,7 @@ def save_group_grid(run, step, group, item, rewards):
               + (f" · step {int(group.step_idx[i])}" if hasattr(group, "step_idx") else "")
               + f"\nseed {int(group.seed_idx[i])} · reward {float(rewards[i]):.2f}" for i in order]
     sample.save_grid(group.images[order], os.path.join(run.cfg.out_dir, "groups", f"step_{step:06d}.png"),
-                     ncols=run.cfg.num_seeds, labels=labels, scale=grid_scale(group.images),
+                     ncols=run.cfg.num_seeds, labels=labels, scale=sample.grid_scale(group.images),
                      title=f"step {step} · {item['prompt']!r} · rows: variants, columns: seeds")
 
 
@@ -1815,7 +1810,8 @@ def finish(run, logger):
 
 
 def summary_table(cfg, before, after):
-    """The run's last lines: the held-out scores before → after, GenEval strict per tag when the prompts carry tags."""
+    """The run's last lines: the held-out scores before → after, and GenEval strict per tag when the prompts carry
+    tags."""
     adapter = "EMA" if cfg.use_ema else "policy"
     lines = [f"held-out scores ({adapter}, {len(cfg.eval_items)} prompts x {cfg.eval_num_images} images, step "
              f"{before['step']} → {after['step']})", f"  {'':<28}{'before':>8}{'after':>8}{'change':>9}"]
