@@ -607,7 +607,7 @@ def _to_pil(img):
 def save_grid(images, path, ncols, labels=None, title=None, scale=1):
     """images (N,3,H,W) in [0,1] → one PNG, row-major with ncols columns, each tile upscaled `scale`× (nearest: the
     pixels as sampled). With `labels` (one string per image, "\n" for a new line, long lines wrapped to the tile) a
-    caption goes under each tile; with `title`, a line above the grid."""
+    caption goes under each tile; with `title`, a line above the grid (wrapped to its width)."""
     from PIL import Image, ImageDraw
     N, _, H, W = images.shape
     if labels is not None and len(labels) != N:
@@ -618,12 +618,13 @@ def save_grid(images, path, ncols, labels=None, title=None, scale=1):
     captions = [_wrap(draw, font, str(t), W - 4) for t in labels] if labels is not None else []
     line = _line_height(draw, font)
     cap_h = (max(len(c) for c in captions) * line + 4) if captions else 0
-    top = (line + 8) if title else 0
+    heading = _wrap(draw, font, title, ncols * W - 8) if title else []
+    top = (len(heading) * line + 8) if title else 0
     nrows = math.ceil(N / ncols)
     grid = Image.new("RGB", (ncols * W, top + nrows * (H + cap_h)), "white")
     draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((4, 4), title, fill="black", font=font)
+    for j, text in enumerate(heading):
+        draw.text((4, 4 + j * line), text, fill="black", font=font)
     for i in range(N):
         x, y = (i % ncols) * W, top + (i // ncols) * (H + cap_h)
         grid.paste(_to_pil(images[i]).resize((W, H), Image.NEAREST), (x, y))

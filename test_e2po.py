@@ -2863,6 +2863,10 @@ def test_train_grids_are_captioned_upscaled_and_titled(tmp_path):
     assert grid.shape[1] == 64 and red[:, :32].sum() == 2 * 32 * 32     # 2 columns of 32-px tiles, both rows whole
     title_h, first_end = rows[0], rows[rows < rows[0] + 32][-1] + 1
     assert title_h > 0 and (grid[:title_h] < 128).any()                 # dark title text above the tiles
+    S.save_grid(images, str(tmp_path / "t.png"), ncols=2, labels=labels, title="s", scale=4)
+    short = np.asarray(Image.open(tmp_path / "t.png").convert("RGB")).astype(int)
+    one_line = np.flatnonzero(((short[..., 0] == 255) & (short[..., 1] == 0))[:, 0])[0]   # a one-line title's band
+    assert title_h - 8 >= 3 * (one_line - 8)                             # the title wider than the grid wrapped
     caption = grid[first_end:rows[rows >= first_end][0], :32]
     assert (caption < 128).any()                                         # dark caption text under the first tile
     dark_rows = np.flatnonzero((caption < 128).any(axis=(1, 2)))
