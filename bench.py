@@ -43,9 +43,10 @@ that the outputs agree. Every row asserts that ours and the reference compute th
 CPU runs use 1 torch thread unless --threads says otherwise: on shared cores more threads oversubscribe and made
 every timing ~3x slower and noisy here. SD3.5-M on CPU runs in bfloat16 by default (this CPU's bf16 matmuls are ~5x
 its fp32 ones, and one bf16 copy of the weights is 4.4 GiB), batch 1, 512², context 77 + 256 tokens: ~11 s a forward.
-On CUDA: fp16 weights, LoRA in fp32 under fp16 autocast (as train.py), model FLOPs utilisation from an analytic FLOP
-count (every matmul + QKᵀ and AV; equal to torch's FlopCounterMode, see test_e2po.py; the backward of the frozen
-base counted as one forward, since no weight gradients are taken) and torch.cuda.max_memory_allocated per side.
+On CUDA: fp16 weights, LoRA in fp32 under fp16 autocast and the loss scaled by GradScaler's initial 2^16 before
+its backward (as train.py), model FLOPs utilisation from an analytic FLOP count (every matmul + QKᵀ and AV; equal to
+torch's FlopCounterMode, see test_e2po.py; the backward of the frozen base counted as one forward, since no weight
+gradients are taken) and torch.cuda.max_memory_allocated per side.
 The default size feeds random (context 24 = 16 CLIP + 8 T5 tokens, pooled) inputs, as the world's model sees them.
 
 What the CPU tuning found (torch.profiler on the SD3.5-M forward; over 90 % of its time is the same matmuls and
@@ -291,7 +292,7 @@ def add_loras(model, ours, ref):
             p.copy_(torch.randn(p.shape, generator=g) * 0.01)
         model.copy_adapter(ours, "policy", "old")
         for p in model.lora_parameters(ours, "old")[1::2]:
-            p.add_(torch.randn(p.shape, generator=g) * 0.002)
+            p.add_(torch.randn(p.shape, generator=g).to(p) * 0.002)
     config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, init_lora_weights="gaussian", target_modules=NFT_TARGETS)
     with warnings.catch_warnings():   # peft warns that a second adapter is "multiple adapters": that is the point
         warnings.simplefilter("ignore")
@@ -379,8 +380,8 @@ def ours_nft_step(ctx, model, ours):
             with model.use_adapter(ours, "policy"):
                 v = f_ours_model(x_sigma, sigma, context, pooled)
             loss = loss_fn(v, v_old, v_ref, x_sigma, x0, sigma, r)
-        loss.backward()
-        grads = [p.grad for p in policy]
+        (loss * ctx.loss_scale).backward()
+        grads = [p.grad / ctx.loss_scale for p in policy]
         for p in policy:
             p.grad = None
         return loss.detach(), v_old, v_ref, v, grads
@@ -405,8 +406,8 @@ def row_nft(ctx, model, ours, ref, ref_params):
             ref.set_adapter("policy")
             v = f_ref_model(x_sigma, sigma, context, pooled)
             loss = loss_fn(v, v_old, v_ref, x_sigma, x0, sigma, r)
-        loss.backward()
-        grads = [p.grad for _, p in ref_params]
+        (loss * ctx.loss_scale).backward()
+        grads = [p.grad / ctx.loss_scale for _, p in ref_params]
         for _, p in ref_params:
             p.grad = None
         return loss.detach(), v_old, v_ref, v, grads
@@ -462,8 +463,8 @@ def row_grpo(ctx, model, ours, guidance=1.0):
             mean_ref = sample.sde_step(x_sigma, v_ref, sigma, sigma_next, eta, prev_sample=prev)[2]
             loss, _ = grpo_loss(log_prob, old_lp, adv, 1e-4, 5.0, mean, mean_ref, s_t, 0.04)
             loss = loss.mean()
-        loss.backward()
-        grads = [p.grad for p in policy]
+        (loss * ctx.loss_scale).backward()
+        grads = [p.grad / ctx.loss_scale for p in policy]
         for p in policy:
             p.grad = None
         return loss.detach(), grads
@@ -677,6 +678,9 @@ def main(argv=None):
     ctx.delta_repeats = 3 if device.type == "cuda" else 1
     # CUDA: fp16 weights, fp32 LoRA, fp16 autocast (as train.py); CPU: everything in `dtype`, no autocast
     amp = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    # fp16 backward: the loss scaled as train.py's GradScaler scales it (its initial 2^16; fp16 gradients of the
+    # early layers underflow without it), gradients unscaled before they are compared. 1 for other dtypes.
+    ctx.loss_scale = torch.amp.GradScaler("cuda").get_scale() if amp and dtype == torch.float16 else 1.0
     ctx.amp = (lambda: torch.autocast("cuda", dtype=dtype)) if amp else contextlib.nullcontext
     compiled = {}
 
