@@ -169,6 +169,16 @@ def peak_memory(fn, device):
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def backward_grads(ctx, loss, params):
+    """Backward of loss scaled by ctx.loss_scale (as train.py's GradScaler under fp16); the params' gradients,
+    unscaled (None where a param got none), taken off the params so the next call starts from zero."""
+    (loss * ctx.loss_scale).backward()
+    grads = [None if p.grad is None else p.grad / ctx.loss_scale for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
 def check_close(name, ours, ref, tol):
     """Relative max-abs agreement of two outputs (tensors or lists of tensors); AssertionError names the row."""
     ours = ours if isinstance(ours, (list, tuple)) else [ours]
@@ -380,11 +390,7 @@ def ours_nft_step(ctx, model, ours):
             with model.use_adapter(ours, "policy"):
                 v = f_ours_model(x_sigma, sigma, context, pooled)
             loss = loss_fn(v, v_old, v_ref, x_sigma, x0, sigma, r)
-        (loss * ctx.loss_scale).backward()
-        grads = [p.grad / ctx.loss_scale for p in policy]
-        for p in policy:
-            p.grad = None
-        return loss.detach(), v_old, v_ref, v, grads
+        return loss.detach(), v_old, v_ref, v, backward_grads(ctx, loss, policy)
     return batched, ours_step
 
 
@@ -406,11 +412,7 @@ def row_nft(ctx, model, ours, ref, ref_params):
             ref.set_adapter("policy")
             v = f_ref_model(x_sigma, sigma, context, pooled)
             loss = loss_fn(v, v_old, v_ref, x_sigma, x0, sigma, r)
-        (loss * ctx.loss_scale).backward()
-        grads = [p.grad / ctx.loss_scale for _, p in ref_params]
-        for _, p in ref_params:
-            p.grad = None
-        return loss.detach(), v_old, v_ref, v, grads
+        return loss.detach(), v_old, v_ref, v, backward_grads(ctx, loss, [p for _, p in ref_params])
 
     a, b = ours_step(), ref_step()
     check_close("NFT step (loss, v_old, v_ref, v_θ)", list(a[:4]), list(b[:4]), ctx.tol)
@@ -463,11 +465,7 @@ def row_grpo(ctx, model, ours, guidance=1.0):
             mean_ref = sample.sde_step(x_sigma, v_ref, sigma, sigma_next, eta, prev_sample=prev)[2]
             loss, _ = grpo_loss(log_prob, old_lp, adv, 1e-4, 5.0, mean, mean_ref, s_t, 0.04)
             loss = loss.mean()
-        (loss * ctx.loss_scale).backward()
-        grads = [p.grad / ctx.loss_scale for p in policy]
-        for p in policy:
-            p.grad = None
-        return loss.detach(), grads
+        return loss.detach(), backward_grads(ctx, loss, policy)
 
     _, nft_step = ours_nft_step(ctx, model, ours)
     loss, grads = grpo_step()
