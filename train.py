@@ -1755,7 +1755,8 @@ def run_training(cfg):
     if cfg.eval_every > 0 and start == 0:
         means = run_eval(run, 0, "before.png")
         logger.log({"step": 0, **{f"eval_{k}" if k != "avg" else "eval_reward": v for k, v in means.items()}})
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not world.master, desc="e2po")
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not world.master,
+               desc=("e2po" if cfg.num_variants > 1 else "nft") if cfg.method == "nft" else cfg.method)
     for step in bar:
         row = {"step": step + 1}
         t0 = time.time()
